@@ -213,7 +213,9 @@ def _check_kind(task_kind: str, labels: Sequence[str] | None) -> None:
         raise ValueError("classification scoring needs the task's label list (labels=...)")
 
 
-def score(task_kind: str, preds: Sequence[str], golds: Sequence, labels: Sequence[str] | None = None) -> dict[str, float]:
+def score(
+    task_kind: str, preds: Sequence[str], golds: Sequence, labels: Sequence[str] | None = None
+) -> dict[str, float]:
     """LaMP's metrics for one task kind.
 
     Args:
