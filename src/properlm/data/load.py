@@ -1,0 +1,138 @@
+"""One entry point for every input layout: ``load_dataset(path)`` finds the layout, loads, validates.
+
+Layouts, as auto-detected:
+
+* a directory with ``u.data``: movielens (100K layout);
+* a directory with ``ratings.csv`` and ``movies.csv``: movielens (CSV layout);
+* a directory with ``user_others.json`` and/or ``user_top_100_history.json``: oppu;
+* a directory with one ``*questions*.json``: lamp (its outputs file is the same name
+  with ``questions`` replaced by ``outputs``);
+* a ``.json`` file: lamp (a questions file); a ``.jsonl`` file: jsonl.
+
+Every loader already names file, record and field on bad input; :func:`validate`
+then checks what any dataset must satisfy, however it was built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from properlm.data.jsonl import load_jsonl
+from properlm.data.lamp import load_lamp
+from properlm.data.movielens import load_movielens, movielens_layout
+from properlm.data.oppu import LABEL_FILE, TEST_FILE, TRAIN_FILE, is_oppu_dir, load_oppu
+from properlm.data.schema import Dataset
+from properlm.data.tasks import get_task, is_known_task
+from properlm.errors import ConfigError, DataError
+
+FORMATS = ("auto", "lamp", "oppu", "movielens", "jsonl")
+
+
+def detect_format(path: str | Path) -> str:
+    """Name the layout at ``path`` (one of ``FORMATS`` but ``auto``).
+
+    Raises:
+        DataError: the path does not exist or holds no known layout.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(str(path), "no such file or directory")
+    if path.is_dir():
+        if movielens_layout(path):
+            return "movielens"
+        if is_oppu_dir(path):
+            return "oppu"
+        if any(path.glob("*questions*.json")):
+            return "lamp"
+        raise DataError(str(path), "cannot tell the layout: expected u.data, ratings.csv + movies.csv, "
+                                   f"{TRAIN_FILE}, or a *questions*.json file")
+    if path.name in (TRAIN_FILE, TEST_FILE, LABEL_FILE):
+        return "oppu"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".json":
+        return "lamp"
+    raise DataError(str(path), "cannot tell the layout: expected a directory, a .json or a .jsonl file")
+
+
+def load_dataset(path: str | Path, task: str | None = None, fmt: str = "auto", n_queries: int = 5) -> Dataset:
+    """Load any supported layout into a validated :class:`Dataset`.
+
+    Args:
+        path: a file or directory (see the module docstring).
+        task: the task name, for layouts that do not record it (LaMP questions without
+            an outputs file); checked against the file when it does.
+        fmt: ``"auto"`` or one of ``lamp``, ``oppu``, ``movielens``, ``jsonl``.
+        n_queries: latest records per user held out as queries (movielens, jsonl).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        DataError: bad input, naming file, record and field.
+        ConfigError: an unknown ``fmt`` or ``task``.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if task is not None:
+        get_task(task)  # an unknown --task is a usage error, reported before reading anything
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "oppu" and path.is_file():
+        path = path.parent
+    if fmt == "lamp":
+        ds = load_lamp(path, task=task)
+    elif fmt == "oppu":
+        ds = load_oppu(path, task=task)
+    else:
+        if task is not None and get_task(task).name != ("movielens" if fmt == "movielens" else "jsonl"):
+            raise ConfigError(f"the {fmt} format is always task {fmt!r}, not {task!r}")
+        ds = load_movielens(path, n_queries=n_queries) if fmt == "movielens" else load_jsonl(path, n_queries)
+    validate(ds)
+    return ds
+
+
+def validate(dataset: Dataset, path: str | Path | None = None) -> None:
+    """Check what every dataset must satisfy.
+
+    Checks: a known task; at least one user; unique user ids; every user has history;
+    history items carry the task's fields and unique ids within their user; query ids
+    unique across the dataset; non-empty query inputs.
+
+    Args:
+        dataset: the dataset.
+        path: the file to name in errors (default: ``dataset.source``).
+
+    Raises:
+        DataError: the first violation, naming the file, the record (user or query id) and field.
+    """
+    src = str(path if path is not None else dataset.source)
+    if not is_known_task(dataset.task):
+        raise DataError(src, f"unknown task {dataset.task!r}", field="task")
+    task = get_task(dataset.task)
+    if not dataset.users:
+        raise DataError(src, "no users")
+    user_ids: set[str] = set()
+    query_ids: set[str] = set()
+    for i, user in enumerate(dataset.users):
+        rec = f"user_id={user.id}"
+        if user.id in user_ids:
+            raise DataError(src, "duplicate user id", record=f"#{i} ({rec})", field="user_id")
+        user_ids.add(user.id)
+        if not user.history:
+            raise DataError(src, "user has no history items", record=rec, field="profile")
+        item_ids: set[str] = set()
+        for item in user.history:
+            if item.id in item_ids:
+                raise DataError(src, "duplicate item id within the user", record=f"{rec} item {item.id}", field="id")
+            item_ids.add(item.id)
+            for name in task.item_fields:
+                if item.fields.get(name) is None:
+                    raise DataError(src, f"missing field required by {task.name}", record=f"{rec} item {item.id}",
+                                    field=name)
+        for q in user.queries:
+            if q.id in query_ids:
+                raise DataError(src, "duplicate query id", record=f"{rec} query {q.id}", field="id")
+            query_ids.add(q.id)
+            if not q.input:
+                raise DataError(src, "empty query input", record=f"{rec} query {q.id}", field="input")

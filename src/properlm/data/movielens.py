@@ -1,0 +1,186 @@
+"""MovieLens ratings as a LaMP-3-style rating task (``movielens``).
+
+Two layouts are read:
+
+* the 100K layout: ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``), ``u.item``
+  (``id|title|release date|video release date|IMDb URL|19 genre flags``, latin-1),
+  optional ``u.genre`` (``name|index``) and ``u.user`` (``id|age|gender|occupation|zip``);
+* the newer CSV layout (ml-latest, ml-25m): ``ratings.csv`` (``userId,movieId,rating,
+  timestamp``) and ``movies.csv`` (``movieId,title,genres`` with ``|``-separated genres).
+  Half-star ratings are rounded half up to an integer 1..5 (0.5 -> 1, 3.5 -> 4) so that
+  golds are LaMP-3's labels.
+
+A rating becomes an item ``{"text": "Title (Year) | Genre1, Genre2", "score": "4"}``
+dated by its timestamp (ISO, UTC). A user's history is their ratings in time order;
+their latest ``n_queries`` ratings become queries (always leaving one history item).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from properlm import io
+from properlm.data.schema import Dataset, Item, Query, User
+from properlm.data.tasks import MOVIELENS_PROMPT
+from properlm.errors import DataError
+
+# The 100K genre order, used when u.genre is absent.
+GENRES_100K = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+               "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+               "War", "Western")
+_NO_GENRE = {"unknown", "(no genres listed)"}
+
+# (user id, movie id, integer score, unix time) per rating.
+Rating = tuple[str, str, int, int]
+
+
+def movielens_layout(path: str | Path) -> str | None:
+    """``"100k"``, ``"csv"`` or ``None`` for a directory."""
+    path = Path(path)
+    if (path / "u.data").exists():
+        return "100k"
+    if (path / "ratings.csv").exists() and (path / "movies.csv").exists():
+        return "csv"
+    return None
+
+
+def movie_text(title: str, genres: list[str]) -> str:
+    """``"Toy Story (1995) | Animation, Comedy"``; the title alone when no genre is known."""
+    genres = [g for g in genres if g and g not in _NO_GENRE]
+    return f"{title} | {', '.join(genres)}" if genres else title
+
+
+def round_rating(value: float) -> int:
+    """Half-star ratings to 1..5, rounding half up (Python's ``round`` would send 2.5 to 2)."""
+    return min(5, max(1, math.floor(value + 0.5)))
+
+
+def _int(value: str, path: Path, record: str, field: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(str(path), f"expected an integer, got {value!r}", record=record, field=field) from None
+
+
+def _read_100k(root: Path) -> tuple[dict[str, str], list[Rating], dict[str, dict[str, str]]]:
+    """Movies, ratings and demographics of the 100K layout."""
+    genre_names = list(GENRES_100K)
+    if (root / "u.genre").exists():
+        rows = [ln.split("|") for ln in io.read_text(root / "u.genre").splitlines() if ln.strip()]
+        genre_names = [name for name, _ in sorted(((r[0], int(r[1])) for r in rows), key=lambda r: r[1])]
+    item_path = root / "u.item"
+    if not item_path.exists():
+        raise DataError(str(item_path), "file not found (the 100K layout needs u.item beside u.data)")
+    movies = {}
+    # u.item is latin-1 (accented titles); decoding it as UTF-8 would fail.
+    for n, line in enumerate(item_path.read_bytes().decode("latin-1").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) < 5 + len(genre_names):
+            raise DataError(str(item_path), f"expected {5 + len(genre_names)} '|'-separated fields, got {len(parts)}",
+                            record=f"line {n}", field="genres")
+        flags = parts[5:5 + len(genre_names)]
+        movies[parts[0]] = movie_text(parts[1], [g for g, f in zip(genre_names, flags) if f.strip() == "1"])
+    data_path = root / "u.data"
+    ratings = []
+    for n, line in enumerate(io.read_text(data_path).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 4:
+            raise DataError(str(data_path), f"expected 4 tab-separated fields, got {len(parts)}", record=f"line {n}")
+        rec = f"line {n}"
+        score = _int(parts[2], data_path, rec, "rating")
+        if not 1 <= score <= 5:
+            raise DataError(str(data_path), f"rating {score} outside 1..5", record=rec, field="rating")
+        ratings.append((parts[0], parts[1], score, _int(parts[3], data_path, rec, "timestamp")))
+    demographics = {}
+    if (root / "u.user").exists():
+        for n, line in enumerate(io.read_text(root / "u.user").splitlines(), 1):
+            parts = line.split("|")
+            if len(parts) == 5:
+                demographics[parts[0]] = dict(zip(("age", "gender", "occupation", "zip"), parts[1:]))
+            elif line.strip():
+                raise DataError(str(root / "u.user"), f"expected 5 '|'-separated fields, got {len(parts)}",
+                                record=f"line {n}")
+    return movies, ratings, demographics
+
+
+def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs of a CSV file with a header naming ``columns``."""
+    reader = csv.DictReader(_io.StringIO(io.read_text(path)))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(str(path), "header lacks a column", record="line 1", field=missing[0])
+    return [(reader.line_num, row) for row in reader]
+
+
+def _read_csv(root: Path) -> tuple[dict[str, str], list[Rating], dict[str, dict[str, str]]]:
+    """Movies and ratings of the CSV layout (it has no demographics)."""
+    movies = {}
+    for n, row in _csv_rows(root / "movies.csv", ("movieId", "title", "genres")):
+        movies[row["movieId"]] = movie_text(row["title"].strip(), (row["genres"] or "").split("|"))
+    path, ratings = root / "ratings.csv", []
+    for n, row in _csv_rows(path, ("userId", "movieId", "rating", "timestamp")):
+        rec = f"line {n}"
+        try:
+            value = float(row["rating"])
+        except (TypeError, ValueError):
+            raise DataError(str(path), f"expected a number, got {row['rating']!r}", record=rec, field="rating") from None
+        if not 0 < value <= 5:
+            raise DataError(str(path), f"rating {value} outside 0.5..5", record=rec, field="rating")
+        ratings.append((row["userId"], row["movieId"], round_rating(value),
+                        _int(row["timestamp"] or "", path, rec, "timestamp")))
+    return movies, ratings, {}
+
+
+def load_movielens(path: str | Path, n_queries: int = 5) -> Dataset:
+    """Load MovieLens (100K or CSV layout) as the ``movielens`` rating task.
+
+    Args:
+        path: the MovieLens directory.
+        n_queries: how many of each user's latest ratings become queries.
+
+    Returns:
+        One user per MovieLens user, ordered by id; demographics (100K) in ``User.meta``.
+
+    Raises:
+        DataError: a missing file, a malformed line, a rating of an unknown movie.
+    """
+    root = Path(path)
+    layout = movielens_layout(root)
+    if layout is None:
+        raise DataError(str(root), "not a MovieLens directory: expected u.data or ratings.csv + movies.csv")
+    movies, ratings, demographics = _read_100k(root) if layout == "100k" else _read_csv(root)
+    data_file = str(root / ("u.data" if layout == "100k" else "ratings.csv"))
+    by_user: dict[str, list[Rating]] = {}
+    for r in ratings:
+        if r[1] not in movies:
+            raise DataError(data_file, "movie id not in the movie list", record=f"user {r[0]} movie {r[1]}",
+                            field="item")
+        by_user.setdefault(r[0], []).append(r)
+    users = []
+    for uid in sorted(by_user, key=lambda u: (len(u), u)):  # numeric order for numeric ids
+        rows = sorted(by_user[uid], key=lambda r: (r[3], _numeric(r[1])))  # time order, ties by movie
+        n_q = max(0, min(n_queries, len(rows) - 1))
+        user = User(id=uid, meta=dict(demographics.get(uid, {})))
+        for _, mid, score, ts in rows[: len(rows) - n_q]:
+            user.history.append(Item(id=mid, fields={"text": movies[mid], "score": str(score)}, date=_iso(ts)))
+        for _, mid, score, _ in rows[len(rows) - n_q:]:
+            user.queries.append(Query(id=f"{uid}-{mid}", input=MOVIELENS_PROMPT.format(text=movies[mid]),
+                                      gold=str(score)))
+        users.append(user)
+    return Dataset(task="movielens", users=users, source=str(root), meta={"layout": f"movielens-{layout}"})
+
+
+def _numeric(value: str) -> tuple[int, str]:
+    return (len(value), value)
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
