@@ -1,0 +1,163 @@
+"""The FFN linear layer of PROPER: frozen base + group LoRA experts + a user's LoRA.
+
+``ProperLinear`` wraps one of the FFN linears (gate/up/down) of the stage-1
+merged model (weight ``W1``) and computes, for an input ``x`` of shape (B, T, d_in):
+
+    y = W1 x + sum_k g_k(x, u) * s * B_k A_k x  +  s_u * B_u A_u x
+
+where ``g`` is the router's softmax over K experts (dense, no top-k, as in
+LoRAMoE) and ``A_u, B_u`` are the LoRA factors of the row's user. Per-row facts
+(which user, which embedding) are not arguments of ``forward``: they sit in a
+:class:`RoutingState` shared by all wrapped layers of one model and set before
+each forward pass (the pattern PEFT's poly tuner uses for task ids).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTERS = ("user-aware", "text", "lora-aware")
+
+
+@dataclass
+class RoutingState:
+    """Per-forward facts shared by all :class:`ProperLinear` layers of a model.
+
+    Attributes:
+        user_emb: site name -> (B, d_e) user embeddings of the rows (stage 2's
+            user-aware router); absent -> the router's fallback.
+        user_lora: site name -> (A (B, r, d_in), B (B, d_out, r)) LoRA factors of the rows'
+            users, zeros for rows without a user LoRA.
+        token_mask: (B, T) 1.0 on real tokens, for averaging routing weights.
+        record: if true, each layer appends its per-row mean routing weights (B, K).
+        routes: what the layers recorded in this forward pass.
+    """
+
+    user_emb: dict[str, torch.Tensor] = field(default_factory=dict)
+    user_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+    record: bool = False
+    routes: list[torch.Tensor] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.user_emb, self.user_lora, self.token_mask, self.routes = {}, {}, None, []
+
+
+class Router(nn.Module):
+    """Dense softmax router over K experts.
+
+    ``kind`` picks the inputs the logits see:
+      - ``"text"``: ``W_t x`` (plain LoRAMoE);
+      - ``"user-aware"``: ``W_t x + W_u e_u`` (stage 2); rows with no embedding
+        use the mean of the learned user embeddings (``fallback_emb``);
+      - ``"lora-aware"``: ``W_x x + W_l (A_u x)`` (stage 3), shared by all users.
+
+    Args:
+        d_in: input width of the wrapped linear.
+        num_experts: K.
+        kind: one of :data:`ROUTERS`.
+        d_user: width of the user embedding (user-aware) or the user LoRA rank (lora-aware).
+    """
+
+    def __init__(self, d_in: int, num_experts: int, kind: str, d_user: int = 0):
+        super().__init__()
+        if kind not in ROUTERS:
+            raise ValueError(f"router kind must be one of {ROUTERS}, got {kind!r}")
+        self.kind = kind
+        self.w_text = nn.Linear(d_in, num_experts, bias=False)
+        self.w_user = nn.Linear(d_user, num_experts, bias=False) if kind != "text" else None
+        if self.w_user is not None and kind == "lora-aware":
+            nn.init.zeros_(self.w_user.weight)  # starts as the text router it was copied from
+        # Mean of the stage-2 embeddings, set after stage 2: the routing of users never seen there.
+        self.register_buffer("fallback_emb", torch.zeros(d_user if kind == "user-aware" else 0))
+
+    def forward(self, x: torch.Tensor, user_signal: torch.Tensor | None) -> torch.Tensor:
+        """Routing weights (B, T, K) for x (B, T, d_in); ``user_signal`` is (B, d_e) or (B, T, r)."""
+        logits = self.w_text(x)
+        if self.kind == "user-aware":
+            e = user_signal if user_signal is not None else self.fallback_emb.expand(x.shape[0], -1)
+            logits = logits + self.w_user(e).unsqueeze(1)  # (B, 1, K) broadcast over tokens
+        elif self.kind == "lora-aware" and user_signal is not None:
+            logits = logits + self.w_user(user_signal)  # (B, T, K)
+        return torch.softmax(logits.float(), dim=-1).to(x.dtype)
+
+
+class GroupExperts(nn.Module):
+    """K LoRA experts on one linear, stored stacked so all K run in two matmuls.
+
+    Args:
+        d_in, d_out: the wrapped linear's shape.
+        num_experts: K.
+        r: rank of each expert.
+        alpha: LoRA scaling numerator (scaling = alpha / r).
+    """
+
+    def __init__(self, d_in: int, d_out: int, num_experts: int, r: int, alpha: float):
+        super().__init__()
+        self.k, self.r, self.scaling = num_experts, r, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(num_experts * r, d_in))   # rows k*r:(k+1)*r are A_k
+        self.lora_B = nn.Parameter(torch.zeros(d_out, num_experts * r))  # cols k*r:(k+1)*r are B_k
+        for k in range(num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[k * r:(k + 1) * r], a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_k gates_k * s * B_k A_k x for x (B, T, d_in), gates (B, T, K) -> (B, T, d_out)."""
+        h = F.linear(x, self.lora_A)                                     # (B, T, K*r)
+        h = (h.unflatten(-1, (self.k, self.r)) * gates.unsqueeze(-1)).flatten(-2)
+        return F.linear(h, self.lora_B) * self.scaling
+
+
+class ProperLinear(nn.Module):
+    """A frozen linear with optional group experts, router and per-row user LoRA.
+
+    Args:
+        base: the wrapped ``nn.Linear`` (stage-1 merged weight; never trained).
+        site: this layer's name in the model, the key into :class:`RoutingState`.
+        state: the model-wide routing state.
+        dropout: LoRA dropout applied to the adapters' input.
+        user_scaling: alpha / r of the user LoRAs.
+    """
+
+    def __init__(self, base: nn.Linear, site: str, state: RoutingState, dropout: float = 0.0, user_scaling: float = 2.0):
+        super().__init__()
+        self.base, self.site, self.user_scaling = base, site, user_scaling
+        self._state = [state]  # a list so the state is not registered as a submodule
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.experts: GroupExperts | None = None
+        self.router: Router | None = None
+
+    @property
+    def state(self) -> RoutingState:
+        return self._state[0]
+
+    def add_experts(self, num_experts: int, r: int, alpha: float, router: str, d_user: int) -> None:
+        self.experts = GroupExperts(self.base.in_features, self.base.out_features, num_experts, r, alpha)
+        self.router = Router(self.base.in_features, num_experts, router, d_user)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.experts is None and self.site not in self.state.user_lora:
+            return y
+        xd = self.dropout(x)
+        lora_h = None
+        if self.site in self.state.user_lora:
+            a, b = self.state.user_lora[self.site]                          # (B, r, d_in), (B, d_out, r)
+            lora_h = torch.bmm(xd, a.transpose(1, 2).to(x.dtype))           # (B, T, r)
+            y = y + torch.bmm(lora_h, b.transpose(1, 2).to(x.dtype)) * self.user_scaling
+        if self.experts is not None:
+            signal = lora_h if self.router.kind == "lora-aware" else self.state.user_emb.get(self.site)
+            gates = self.router(x, signal)                                   # (B, T, K)
+            y = y + self.experts(xd, gates)
+            if self.state.record:
+                m = self.state.token_mask
+                if m is None or m.shape != gates.shape[:2]:
+                    self.state.routes.append(gates.float().mean(1))
+                else:
+                    m = m.to(gates.dtype).unsqueeze(-1)                      # (B, T, 1)
+                    self.state.routes.append(((gates * m).sum(1) / m.sum(1).clamp(min=1)).float())
+        return y

@@ -1,0 +1,171 @@
+"""The run configuration: one dataclass per stage, loaded from YAML with overrides.
+
+``properlm train --config configs/paper.yaml group.num_experts=8`` builds a
+:class:`RunConfig` from the YAML file and the dotted overrides; the run
+directory keeps the resolved config so a run can be reproduced or resumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class DataConfig:
+    """Which data and which users.
+
+    Attributes:
+        path: a dataset properlm can load (LaMP files, OPPU dir, MovieLens dir, JSONL),
+            or ``synth:<task>`` for a synthetic grouped task generated on the fly.
+        task: task name when the files don't say it.
+        split: "oppu" (the n most active users are targets), "low-resource" (the n
+            least active) or "count" (n random users).
+        n_targets: n of the split.
+        max_len: tokens per example (prompt truncated to fit).
+        synth_users: number of users of a ``synth:`` dataset.
+        synth_groups: planted groups of a ``synth:`` dataset.
+    """
+
+    path: str = "synth:synth-cls"
+    task: str | None = None
+    split: str = "oppu"
+    n_targets: int = 100
+    max_len: int = 128
+    synth_users: int = 60
+    synth_groups: int = 5
+
+    def __post_init__(self):
+        _check(self.split in ("oppu", "low-resource", "count"), f"data.split must be oppu, low-resource or count, got {self.split!r}")
+        _check(self.n_targets >= 1, "data.n_targets must be >= 1")
+        _check(self.max_len >= 16, "data.max_len must be >= 16")
+
+
+@dataclass
+class PopulationConfig:
+    """Stage 1: one LoRA on all users' data (PEFT), merged into the base.
+
+    Attributes:
+        r, alpha, dropout: LoRA shape (paper: 8, 16).
+        targets: linears to adapt (paper: q,k,v,o,gate,up,down).
+        lr: AdamW learning rate (paper 3e-4).
+        batch_size: examples per step (paper 2).
+        epochs: passes over the data.
+        max_steps: stop after this many steps (None: all epochs).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    lr: float = 3e-4
+    batch_size: int = 2
+    epochs: int = 1
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        _check(self.r >= 1 and self.batch_size >= 1 and self.epochs >= 1, "population: r, batch_size, epochs must be >= 1")
+
+
+@dataclass
+class GroupConfig:
+    """Stage 2: K LoRA experts on the FFN with a (user-aware) router and the constraint loss.
+
+    Attributes:
+        num_experts: K (paper 5).
+        r, alpha, dropout: expert LoRA shape (paper 4, 8, 0.05).
+        router: "user-aware" (paper) or "text" (the regular-router ablation).
+        user_dim: width of the learned user embeddings.
+        constraint_weight: weight of the cross-user routing cosine loss (0 = ablation w/o it).
+        lr: AdamW learning rate (paper 2e-4).
+        users_per_step: distinct users per batch (>= 2 so the constraint loss has pairs).
+        per_user_batch: examples of each user per step.
+        epochs, max_steps: how long.
+    """
+
+    num_experts: int = 5
+    r: int = 4
+    alpha: float = 8
+    dropout: float = 0.05
+    router: str = "user-aware"
+    user_dim: int = 32
+    constraint_weight: float = 0.1
+    lr: float = 2e-4
+    users_per_step: int = 4
+    per_user_batch: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        _check(self.num_experts >= 1, "group.num_experts must be >= 1")
+        _check(self.router in ("user-aware", "text"), f"group.router must be user-aware or text, got {self.router!r}")
+        _check(self.constraint_weight >= 0, "group.constraint_weight must be >= 0")
+
+
+@dataclass
+class UserConfig:
+    """Stage 3: one LoRA per target user and the shared LoRA-aware router.
+
+    Attributes:
+        r, alpha, dropout: user LoRA shape (paper 4, 8, 0.05).
+        lora_aware_router: train the shared LoRA-aware router (False: the ablation
+            that keeps stage 2's routing with its fallback for unseen users).
+        lr: AdamW learning rate of the user LoRAs.
+        router_lr: learning rate of the shared router.
+        users_per_step: users trained together in one batch.
+        per_user_batch: examples of each user per step (paper/OPPU: 1).
+        epochs, max_steps: how long.
+        weight_decay: AdamW weight decay of the user LoRAs.
+    """
+
+    r: int = 4
+    alpha: float = 8
+    dropout: float = 0.05
+    lora_aware_router: bool = True
+    lr: float = 2e-4
+    router_lr: float = 2e-4
+    users_per_step: int = 8
+    per_user_batch: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _check(self.r >= 1 and self.users_per_step >= 1 and self.per_user_batch >= 1, "user: r, users_per_step, per_user_batch must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """A whole PROPER run.
+
+    Attributes:
+        base_model: "smollm2" (embedded), "tiny-random", a HF model dir or a .gguf file.
+        seed: seeds model init, data order and dropout.
+        checkpoint_every: steps between checkpoints (each stage also saves at its end).
+        max_grad_norm: gradient clipping (per user for user-owned parameters).
+        bf16: bfloat16 autocast for the forward pass (CPU and GPU).
+        progress: show progress bars.
+    """
+
+    base_model: str = "smollm2"
+    seed: int = 0
+    checkpoint_every: int = 50
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    user: UserConfig = field(default_factory=UserConfig)
+
+    def __post_init__(self):
+        _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+
+

@@ -1,0 +1,165 @@
+"""What every stage's training loop shares: schedules, logging, checkpoints, progress.
+
+- Schedules are pure functions of the seed, so a resumed run replays the same
+  data order from the step it stopped at.
+- Checkpoints are directories written under a temporary name and renamed into
+  place; ``latest`` points at the newest one. A crash mid-write leaves the
+  previous checkpoint intact.
+- Logs are JSONL (one record per step) plus TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from properlm.io import write_text
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def plain_schedule(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of example indices, epoch after epoch."""
+    steps = []
+    for ep in range(epochs):
+        perm = np.random.default_rng([seed, ep]).permutation(n).tolist()
+        steps += [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    return steps
+
+
+def user_schedule(by_user: dict[str, list[int]], per_user_batch: int, users_per_step: int,
+                  epochs: int, seed: int) -> list[list[tuple[str, list[int]]]]:
+    """Steps that each hold ``per_user_batch`` examples of up to ``users_per_step`` users.
+
+    Each user's sequence of mini-batches depends only on the seed and the user
+    id, never on which other users train alongside: training users together or
+    one at a time (``users_per_step=1``) feeds each user the same batches in the
+    same order, which is what makes the two give the same adapters.
+    """
+    chunks: dict[str, list[list[int]]] = {}
+    for u, idx in by_user.items():
+        seq = []
+        for ep in range(epochs):
+            perm = np.random.default_rng([seed, zlib.crc32(u.encode()), ep]).permutation(len(idx))
+            seq += [[idx[j] for j in perm[i:i + per_user_batch]] for i in range(0, len(idx), per_user_batch)]
+        chunks[u] = seq
+    # Round-robin: a user's k-th batch comes before anyone's (k+1)-th, so long
+    # histories do not starve short ones; users in a fixed order within a round.
+    order = sorted(chunks)
+    pending = [(k, u) for k in range(max((len(c) for c in chunks.values()), default=0)) for u in order if k < len(chunks[u])]
+    steps, cur, seen = [], [], set()
+    for k, u in pending:
+        if len(cur) == users_per_step or u in seen:
+            steps.append(cur)
+            cur, seen = [], set()
+        cur.append((u, chunks[u][k]))
+        seen.add(u)
+    if cur:
+        steps.append(cur)
+    return steps
+
+
+class RunLogger:
+    """JSONL + TensorBoard logging for one stage of a run."""
+
+    def __init__(self, run_dir: Path, stage: str):
+        self.path = Path(run_dir) / "logs" / f"{stage}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(Path(run_dir) / "logs" / "tb" / stage))
+        except Exception:  # TensorBoard is optional at run time; JSONL is the record
+            self._tb = None
+
+    def log(self, step: int, **metrics: float) -> None:
+        rec = {"stage": self.stage, "step": step, "time": time.time(), **metrics}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run rewrites them)."""
+        if not self.path.exists():
+            return
+        keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        write_text(self.path, "".join(l + "\n" for l in keep))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], extra: dict) -> Path:
+    """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=ckpt_root))
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    torch.save(extra, tmp / "extra.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    final = ckpt_root / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text(ckpt_root / "latest", final.name)
+    for old in ckpt_root.glob("step-*"):  # keep only the newest
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt_root: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint as (step, tensors, extra), or None."""
+    latest = ckpt_root / "latest"
+    if not latest.exists():
+        return None
+    d = ckpt_root / latest.read_text().strip()
+    step = json.loads((d / "step.json").read_text())["step"]
+    return step, load_file(str(d / "state.safetensors")), torch.load(d / "extra.pt", weights_only=False)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+class Progress:
+    """A tqdm bar showing loss and trained tokens per second."""
+
+    def __init__(self, total: int, desc: str, start: int = 0, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True)
+        self.t0, self.tokens = time.time(), 0
+
+    def update(self, loss: float, tokens: int) -> float:
+        self.tokens += tokens
+        tps = self.tokens / max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        self.bar.update(1)
+        return tps
+
+    def close(self) -> None:
+        self.bar.close()

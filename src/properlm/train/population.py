@@ -1,0 +1,97 @@
+"""Stage 1, population: one PEFT LoRA on all training users' data, then merged.
+
+    properlm train --stage population --config configs/demo.yaml
+
+Trains LoRA (r=8, alpha=16 by default) on q,k,v,o,gate,up,down with the
+completion-only loss over the training users' history pairs and labelled
+queries, and saves it in PEFT's adapter layout under ``RUN/population/``.
+Later stages load the base, apply this adapter and merge it (``W1 = W0 + s B A``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from properlm.io import atomic_dir
+from properlm.model.proper import completion_nll
+from properlm.train.config import RunConfig
+from properlm.train.examples import Example, collate, encode
+from properlm.train.loop import (Progress, RunLogger, load_checkpoint, plain_schedule, rng_state, save_checkpoint,
+                                 seed_everything, set_rng_state)
+
+STAGE = "population"
+
+
+def autocast(enabled: bool):
+    """bf16 autocast on the CPU (or GPU) when asked, else a no-op context."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Example], resume: bool = False) -> Path:
+    """Train the population LoRA on ``examples`` and save it to ``run_dir/population``.
+
+    Args:
+        cfg: the run config (``cfg.population`` holds this stage's settings).
+        run_dir: the run directory.
+        lm: the base causal LM (left unchanged: the adapter is saved, not merged here).
+        tok: its tokenizer.
+        examples: training users' pairs.
+        resume: continue from this stage's last checkpoint.
+
+    Returns:
+        The adapter directory (PEFT layout).
+    """
+    pc = cfg.population
+    seed_everything(cfg.seed)
+    peft_cfg = LoraConfig(r=pc.r, lora_alpha=pc.alpha, lora_dropout=pc.dropout, target_modules=list(pc.targets),
+                          task_type="CAUSAL_LM")
+    model = get_peft_model(lm, peft_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=pc.lr, weight_decay=0.0)
+    enc = [encode(tok, e, cfg.data.max_len) for e in examples]
+    steps = plain_schedule(len(enc), pc.batch_size, pc.epochs, cfg.seed)
+    if pc.max_steps is not None:
+        steps = steps[:pc.max_steps]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ckpt_root, start = run_dir / "checkpoints" / STAGE, 0
+    logger = RunLogger(run_dir, STAGE)
+    if resume and (ck := load_checkpoint(ckpt_root)) is not None:
+        start, tensors, extra = ck
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(tensors[n])
+        opt.load_state_dict(extra["optimizer"])
+        set_rng_state(extra["rng"])
+        logger.truncate_after(start)
+    prog = Progress(len(steps), "stage 1 population", start, cfg.progress)
+    model.train()
+    for step in range(start, len(steps)):
+        b = collate([enc[i] for i in steps[step]], tok.pad_token_id)
+        with autocast(cfg.bf16):
+            nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+        loss = nll.sum() / ntok.sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        tps = prog.update(loss.item(), int(b["attention_mask"].sum()))
+        logger.log(step + 1, loss=loss.item(), tokens_per_s=tps)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
+            save_checkpoint(ckpt_root, step + 1, dict(zip(names, params)),
+                            {"optimizer": opt.state_dict(), "rng": rng_state()})
+    prog.close()
+    logger.close()
+    out = run_dir / STAGE
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
+    model.unload()  # leave `lm` as it came (the caller merges from the saved adapter)
+    return out
+
+
+def merge_population(lm, adapter_dir: Path):
+    """Apply the saved population adapter to ``lm`` and merge it into the weights (W1)."""
+    return PeftModel.from_pretrained(lm, str(adapter_dir)).merge_and_unload()

@@ -1,0 +1,155 @@
+"""A run directory and the three stages in order.
+
+    properlm train --all --config configs/demo.yaml --out runs/demo
+
+Layout of a run directory (``manifest.json`` says the same for each file)::
+
+    config.yaml                      the resolved RunConfig (reproduces the run)
+    split.json                       training users (stages 1-2) and target users (stage 3)
+    population/adapter_model.safetensors, adapter_config.json   stage 1, PEFT layout
+    group/experts.safetensors        stage 2 experts and routers
+    group/user_embeddings.safetensors  stage 2 user embeddings (training users)
+    user/user_loras.safetensors      stage 3 LoRA per target user, stacked (U, ...)
+    user/router.safetensors          stage 3 shared LoRA-aware router
+    logs/<stage>.jsonl, logs/tb/     training logs (JSONL, TensorBoard)
+    checkpoints/<stage>/             the last in-stage checkpoint, for --resume
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from properlm.config import save_config
+from properlm.data import generate, load_dataset, split_users
+from properlm.data.schema import Dataset, User
+from properlm.errors import ProperError
+from properlm.io import read_json, write_json
+from properlm.model.base import load_base
+from properlm.model.proper import ProperModel
+from properlm.train.config import RunConfig
+from properlm.train.examples import Example, user_examples
+from properlm.train.group import load_group_state, train_group
+from properlm.train.population import merge_population, train_population
+from properlm.train.user import train_users
+
+STAGES = ("population", "group", "user")
+FILES = {
+    "config.yaml": "the resolved run config",
+    "split.json": "training users (stages 1-2) and target users (stage 3)",
+    "population/adapter_model.safetensors": "stage 1 population LoRA (PEFT layout), merged into the base by later stages",
+    "population/adapter_config.json": "stage 1 PEFT adapter config",
+    "group/experts.safetensors": "stage 2 LoRA experts and routers per FFN linear",
+    "group/user_embeddings.safetensors": "stage 2 learned embedding per training user and FFN linear",
+    "user/user_loras.safetensors": "stage 3 LoRA per target user, stacked over users (ids in the metadata)",
+    "user/router.safetensors": "stage 3 shared LoRA-aware router",
+}
+
+
+def load_data(cfg: RunConfig) -> Dataset:
+    """The run's dataset: loaded from ``data.path`` or generated for ``synth:<task>``."""
+    if cfg.data.path.startswith("synth:"):
+        return generate(task=cfg.data.path.split(":", 1)[1], n_users=cfg.data.synth_users,
+                        n_groups=cfg.data.synth_groups, seed=cfg.seed)
+    return load_dataset(cfg.data.path, task=cfg.data.task)
+
+
+def split(cfg: RunConfig, ds: Dataset) -> tuple[list[User], list[User]]:
+    """(training users, target users) by the configured split."""
+    return split_users(ds, mode=cfg.data.split, n=cfg.data.n_targets, seed=cfg.seed)
+
+
+def stage_examples(task: str, stage: str, train: list[User], targets: list[User]) -> list[Example]:
+    """Stages 1-2: training users' history and labelled queries; stage 3: targets' history only."""
+    if stage == "user":
+        return [e for u in targets for e in user_examples(task, u, history=True, queries=False)]
+    return [e for u in train for e in user_examples(task, u, history=True, queries=True)]
+
+
+def write_manifest(run_dir: Path, cfg: RunConfig) -> None:
+    files = {k: v for k, v in FILES.items() if (run_dir / k).exists()}
+    done = [s for s in STAGES if (run_dir / s).exists()]
+    write_json(run_dir / "manifest.json", {"properlm_run": 1, "base_model": cfg.base_model, "stages_done": done,
+                                           "files": files, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def build_model(cfg: RunConfig, run_dir: Path, upto: str):
+    """Base + the stages before ``upto`` as saved in ``run_dir``: ``(lm or ProperModel, tok)``.
+
+    ``upto="population"`` gives the bare base LM; ``"group"`` a ProperModel over
+    the merged stage-1 model; ``"user"`` that plus the stage-2 experts; ``"done"``
+    everything including the user LoRAs.
+    """
+    lm, tok = load_base(cfg.base_model, seed=cfg.seed)
+    if upto == "population":
+        return lm, tok
+    pm = ProperModel(merge_population(lm, run_dir / "population"))
+    if upto == "group":
+        return pm, tok
+    g = cfg.group
+    emb_users = _user_ids(run_dir / "group" / "user_embeddings.safetensors")
+    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, g.router, g.user_dim, emb_users or [], seed=cfg.seed)
+    load_group_state(pm, load_file(str(run_dir / "group" / "experts.safetensors")))
+    if pm.user_embs is not None:
+        pm.user_embs.load_state_tensors("", load_file(str(run_dir / "group" / "user_embeddings.safetensors")))
+    if upto == "user":
+        return pm, tok
+    u = cfg.user
+    pm.add_users(_user_ids(run_dir / "user" / "user_loras.safetensors"), u.r, u.alpha, u.lora_aware_router, seed=cfg.seed)
+    pm.user_loras.load_state_tensors("", load_file(str(run_dir / "user" / "user_loras.safetensors")))
+    if (run_dir / "user" / "router.safetensors").exists():
+        load_group_state(pm, load_file(str(run_dir / "user" / "router.safetensors")))
+    pm.eval()
+    return pm, tok
+
+
+def _user_ids(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["user_ids"])
+
+
+def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES, resume: bool = False) -> Path:
+    """Train the given stages in order into ``run_dir``; returns the run directory.
+
+    A stage whose output already exists is skipped when resuming and refused
+    otherwise (a finished stage is never silently overwritten).
+    """
+    run_dir = Path(run_dir)
+    for s in stages:
+        if s not in STAGES:
+            raise ProperError(f"unknown stage {s!r}: choose from {', '.join(STAGES)}")
+    if (run_dir / "config.yaml").exists() and not resume:
+        done = [s for s in stages if (run_dir / s).exists()]
+        if done:
+            raise ProperError(f"{run_dir}: stage {done[0]} is already trained there; pass --resume to continue or choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    ds = load_data(cfg)
+    train_u, target_u = split(cfg, ds)
+    write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u], "target": [u.id for u in target_u]})
+    write_manifest(run_dir, cfg)
+    for s in stages:
+        if (run_dir / s).exists():
+            continue
+        if s != "population" and not (run_dir / STAGES[STAGES.index(s) - 1]).exists():
+            raise ProperError(f"{run_dir}: stage {s} needs stage {STAGES[STAGES.index(s) - 1]} first")
+        model, tok = build_model(cfg, run_dir, s)
+        ex = stage_examples(ds.task, s, train_u, target_u)
+        if not ex:
+            raise ProperError(f"stage {s}: no training examples (check the data split)")
+        {"population": train_population, "group": train_group, "user": train_users}[s](cfg, run_dir, model, tok, ex, resume=resume)
+        # Outputs are in place: the in-stage checkpoint is no longer needed.
+        shutil.rmtree(run_dir / "checkpoints" / s, ignore_errors=True)
+        write_manifest(run_dir, cfg)
+    return run_dir
+
+
+def read_split(run_dir: Path) -> dict:
+    return read_json(Path(run_dir) / "split.json")
