@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from properlm.model.layers import ProperLinear, Router, RoutingState
 from properlm.model.user_params import UserParams
 
-FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
+FFN_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ATTN_KV_TARGETS = ("self_attn.k_proj", "self_attn.v_proj")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ProperModel(nn.Module):
     Args:
         lm: a Llama-style ``PreTrainedModel`` whose decoder layers have
             ``mlp.gate_proj/up_proj/down_proj`` (stage-1 adapter already merged).
-        targets: which FFN linears to adapt.
+        targets: which linears of each decoder layer to wrap, as paths inside the
+            layer (PROPER: the FFN; the OPPU-kv baseline: attention k and v).
     """
 
     def __init__(self, lm: nn.Module, targets: tuple[str, ...] = FFN_TARGETS):
@@ -63,9 +65,11 @@ class ProperModel(nn.Module):
         self.sites: dict[str, ProperLinear] = {}
         for i, layer in enumerate(lm.get_decoder().layers):
             for t in targets:
-                site = f"layers.{i}.mlp.{t}"
-                wrapped = ProperLinear(getattr(layer.mlp, t), site, self.state)
-                setattr(layer.mlp, t, wrapped)
+                parent_path, _, attr = t.rpartition(".")
+                parent = layer.get_submodule(parent_path) if parent_path else layer
+                site = f"layers.{i}.{t}"
+                wrapped = ProperLinear(getattr(parent, attr), site, self.state)
+                setattr(parent, attr, wrapped)
                 self.sites[site] = wrapped
         self.user_embs: UserParams | None = None
         self.user_loras: UserParams | None = None
