@@ -12,8 +12,8 @@ Each non-blank line is an object::
 * ``split`` (optional): ``"history"`` or ``"query"``. A user none of whose records has a
   split gets their latest ``n_queries`` records as queries (always leaving one history
   item); records without a split, of a user that has some, are history;
-* ``id`` (optional): the record's id, unique per user for history and across the file
-  for queries; the default is ``<user_id>-<line number>``.
+* ``id`` (optional): the record's id, unique within its user (and across the file for
+  queries); the default is ``<user_id>-<line number>``.
 
 Unknown keys are ignored. Errors name the file, the line and the field.
 """
@@ -97,18 +97,16 @@ def load_jsonl(path: str | Path, n_queries: int = 5) -> Dataset:
         else:
             n_q = max(0, min(n_queries, len(records) - 1))
             is_query = [i >= len(records) - n_q for i in range(len(records))]
-        user, item_ids = User(id=uid), set()
+        user, seen = User(id=uid), set()
+        for r, q in sorted(zip(records, is_query), key=lambda rq: rq[0].line):  # report the later line
+            if r.id in seen or (q and r.id in query_ids):
+                raise DataError(src, f"duplicate id {r.id!r}", record=f"line {r.line}", field="id")
+            seen.add(r.id)
+            query_ids.update([r.id] if q else [])
         for r, q in zip(records, is_query):
-            rec = f"line {r.line}"
             if q:
-                if r.id in query_ids:
-                    raise DataError(src, "duplicate query id", record=rec, field="id")
-                query_ids.add(r.id)
                 user.queries.append(Query(id=r.id, input=r.prompt, gold=r.response))
             else:
-                if r.id in item_ids:
-                    raise DataError(src, f"duplicate id for user {uid}", record=rec, field="id")
-                item_ids.add(r.id)
                 user.history.append(Item(id=r.id, fields={"prompt": r.prompt, "response": r.response}, date=r.time))
         if not user.history:
             first = min(r.line for r in records)

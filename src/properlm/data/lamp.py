@@ -205,10 +205,11 @@ def load_lamp(path: str | Path, task: str | None = None, outputs: str | Path | N
     _check_golds(golds, seen_q, src, str(opath))
     for u in users.values():
         u.history = sort_history(u.history)
+    user_list = list(users.values())
     extra = qpath.with_name(EXTRA_USERS_FILE)
     if extra.exists():
-        _load_extra_users(extra, the_task, users)
-    return Dataset(task=the_task.name, users=list(users.values()), source=src, meta=meta)
+        _load_extra_users(extra, the_task, user_list)
+    return Dataset(task=the_task.name, users=user_list, source=src, meta=meta)
 
 
 def _new_user(uid: str, raw: dict, path: str, rec: str) -> User:
@@ -234,22 +235,27 @@ def _check_golds(golds: dict[str, str], qids: set[str], qpath: str, opath: str) 
             raise DataError(qpath, f"question has no gold in {Path(opath).name}", record=f"id={qid}", field="id")
 
 
-def _load_extra_users(path: Path, task: Task, users: dict[str, User]) -> None:
-    """Read properlm's side file of users that have history but no query."""
+def _load_extra_users(path: Path, task: Task, users: list[User]) -> None:
+    """Insert properlm's side file of users that have history but no query at their ``index``."""
     data, src = io.read_json(path), str(path)
     if not isinstance(data, list):
         raise DataError(src, "expected a JSON list of users")
+    known = {u.id for u in users}
     for i, raw in enumerate(data):
         rec = f"#{i}"
         if not isinstance(raw, dict) or raw.get("user_id") is None or not isinstance(raw.get("profile"), list):
-            raise DataError(src, "expected {'user_id', 'profile': [...]}", record=rec, field="profile")
+            raise DataError(src, "expected {'user_id', 'profile': [...], 'index'?}", record=rec, field="profile")
         uid = as_text(raw["user_id"], src, rec, "user_id")
-        if uid in users:
+        if uid in known:
             raise DataError(src, "duplicate user id", record=f"{rec} (user_id={uid})", field="user_id")
-        user = users[uid] = _new_user(uid, raw, src, rec)
+        known.add(uid)
+        user = _new_user(uid, raw, src, rec)
         add_unique(user.history, set(), [parse_item(p, task, src, f"{rec} profile[{j}]")
                                          for j, p in enumerate(raw["profile"])])
         user.history = sort_history(user.history)
+        index = raw.get("index")
+        # Entries come in ascending index order, so inserting one by one restores the user order.
+        users.insert(index if isinstance(index, int) else len(users), user)
 
 
 def _item_json(item: Item) -> dict:
@@ -294,12 +300,12 @@ def export_lamp(dataset: Dataset, out_dir: str | Path) -> list[Path]:
         raise DataError(str(out_dir), "some queries have golds and some not; cannot write outputs.json",
                         record=f"id={missing.id}", field="gold")
     questions, extra = [], []
-    for u in dataset.users:
+    for index, u in enumerate(dataset.users):
         profile = [_item_json(it) for it in u.history]
         for q in u.queries:
             questions.append({"id": q.id, "input": q.input, "profile": profile, **_user_keys(u)})
         if not u.queries:
-            extra.append({**_user_keys(u), "profile": profile})
+            extra.append({**_user_keys(u), "index": index, "profile": profile})
     outputs: dict[str, Any] = {"task": task.lamp_id, "golds": [{"id": q.id, "output": q.gold} for q in queries
                                                                 if q.gold is not None]}
     if dataset.meta:
