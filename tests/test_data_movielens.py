@@ -7,10 +7,7 @@ import pytest
 from properlm.data import export_lamp, load_dataset
 from properlm.data.movielens import load_movielens, movie_text, round_rating
 from properlm.data.tasks import MOVIELENS_PROMPT
-from properlm.errors import DataError
-
-FLAGS = "|".join(["0"] * 19)
-
+from properlm.errors import ConfigError, DataError
 
 def flags(*on: int) -> str:
     f = ["0"] * 19
@@ -103,6 +100,5 @@ def test_csv_bad_number(mlcsv):
 
 
 def test_task_option_must_be_movielens(ml100k):
-    from properlm.errors import ConfigError
     with pytest.raises(ConfigError):
         load_dataset(ml100k, task="LaMP-3")

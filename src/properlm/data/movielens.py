@@ -165,8 +165,8 @@ def load_movielens(path: str | Path, n_queries: int = 5) -> Dataset:
                             field="item")
         by_user.setdefault(r[0], []).append(r)
     users = []
-    for uid in sorted(by_user, key=lambda u: (len(u), u)):  # numeric order for numeric ids
-        rows = sorted(by_user[uid], key=lambda r: (r[3], _numeric(r[1])))  # time order, ties by movie
+    for uid in sorted(by_user, key=_id_order):
+        rows = sorted(by_user[uid], key=lambda r: (r[3], _id_order(r[1])))  # time order, ties by movie
         n_q = max(0, min(n_queries, len(rows) - 1))
         user = User(id=uid, meta=dict(demographics.get(uid, {})))
         for _, mid, score, ts in rows[: len(rows) - n_q]:
@@ -178,7 +178,8 @@ def load_movielens(path: str | Path, n_queries: int = 5) -> Dataset:
     return Dataset(task="movielens", users=users, source=str(root), meta={"layout": f"movielens-{layout}"})
 
 
-def _numeric(value: str) -> tuple[int, str]:
+def _id_order(value: str) -> tuple[int, str]:
+    """Numeric ids in numeric order ("9" before "10") without assuming they are numbers."""
     return (len(value), value)
 
 
