@@ -7,3 +7,10 @@ over these public functions.
 """
 
 __version__ = "0.1.0"
+
+
+def load_run(run_dir):
+    """Load a trained run for personalized generation (see :mod:`properlm.api`)."""
+    from properlm.api import load_run as _load
+
+    return _load(run_dir)

@@ -112,6 +112,8 @@ def register_data(subparsers: argparse._SubParsersAction) -> None:
 #: Top-level commands: name -> register function, or "module:function" to import.
 COMMANDS: dict[str, Register | str] = {
     "data": register_data,
+    "train": "properlm.train.commands:register",
+    "generate": "properlm.train.commands:register_generate",
 }
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import warnings
+
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from properlm.io import atomic_dir
@@ -23,6 +25,8 @@ from properlm.train.loop import (Progress, RunLogger, load_checkpoint, plain_sch
                                  seed_everything, set_rng_state)
 
 STAGE = "population"
+# PEFT calls a transformers method that warns about its own rename; not ours to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def autocast(enabled: bool):

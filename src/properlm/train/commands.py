@@ -1,0 +1,61 @@
+"""``properlm train`` and ``properlm generate``: thin wrappers over the train API."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one stage or all three into a run directory."""
+    from pathlib import Path
+
+    from properlm.config import load_config
+    from properlm.errors import ProperError
+    from properlm.train.config import RunConfig
+    from properlm.train.run import STAGES, train
+
+    run_dir = Path(args.out)
+    config = args.config
+    if config is None and args.resume and (run_dir / "config.yaml").exists():
+        config = run_dir / "config.yaml"  # resuming: the run's own config
+    cfg = load_config(RunConfig, config, args.overrides)
+    if not args.all and args.stage is None:
+        raise ProperError("say which stage to train: --stage population|group|user, or --all")
+    stages = STAGES if args.all else (args.stage,)
+    train(cfg, run_dir, stages, resume=args.resume)
+    print(f"trained {', '.join(stages)} into {run_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Answer one query for one user with their personalized model."""
+    from properlm.api import load_run
+
+    lm = load_run(args.run)
+    print(lm.generate([args.query], [args.user], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``properlm train``."""
+    p = subparsers.add_parser("train", help="train PROPER's stages (population, group, user)",
+                              description="Train one stage or all three. Overrides are dotted key=value pairs, "
+                                          "e.g. group.num_experts=8 user.lr=1e-4 base_model=/models/llama-2-7b.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--stage", choices=("population", "group", "user"), help="train this stage (earlier ones must exist)")
+    g.add_argument("--all", action="store_true", help="train the three stages in order")
+    p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=cmd_train)
+
+
+def register_generate(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``properlm generate``."""
+    p = subparsers.add_parser("generate", help="answer a query with a user's personalized model")
+    p.add_argument("--run", required=True, help="a trained run directory")
+    p.add_argument("--user", required=True, help="user id (unknown users get the non-personalized model)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("query", help="the query text")
+    p.set_defaults(func=cmd_generate)
