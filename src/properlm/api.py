@@ -55,7 +55,9 @@ class PersonalizedLM:
         lora = self.model.user_loras
         emb = self.model.user_embs
         lora_rows = [u if lora is not None and u in lora._index else None for u in users]
-        emb_rows = [u if emb is not None and u in emb._index and l is None else None for u, l in zip(users, lora_rows)]
+        # A user with a stage-2 embedding uses it (training users; target users too
+        # in the end-to-end ablation, whose router keeps the user embeddings).
+        emb_rows = [u if emb is not None and u in emb._index else None for u in users]
         return lora_rows, emb_rows
 
     def generate(self, queries: list[str], users: list[str | None], max_new_tokens: int = 32, **kw) -> list[str]:

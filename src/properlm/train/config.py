@@ -123,6 +123,10 @@ class UserConfig:
         per_user_batch: examples of each user per step (paper/OPPU: 1).
         epochs, max_steps: how long.
         weight_decay: AdamW weight decay of the user LoRAs.
+        end_to_end: the paper's end-to-end ablation: no separate stage 2; the group
+            experts, the user-aware router (with an embedding per target user) and
+            the user LoRAs train jointly on the target users' data, with the
+            constraint loss (settings of the experts from ``group``).
     """
 
     r: int = 4
@@ -136,6 +140,7 @@ class UserConfig:
     epochs: int = 1
     max_steps: int | None = None
     weight_decay: float = 0.0
+    end_to_end: bool = False
 
     def __post_init__(self):
         _check(self.r >= 1 and self.users_per_step >= 1 and self.per_user_batch >= 1, "user: r, users_per_step, per_user_batch must be >= 1")

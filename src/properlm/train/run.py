@@ -36,7 +36,7 @@ from properlm.train.config import RunConfig
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import load_group_state, train_group
 from properlm.train.population import merge_population, train_population
-from properlm.train.user import train_users
+from properlm.train.user import train_end_to_end, train_users
 
 STAGES = ("population", "group", "user")
 FILES = {
@@ -93,14 +93,16 @@ def build_model(cfg: RunConfig, run_dir: Path, upto: str):
         return pm, tok
     g = cfg.group
     emb_users = _user_ids(run_dir / "group" / "user_embeddings.safetensors")
-    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, g.router, g.user_dim, emb_users or [], seed=cfg.seed)
+    router = "user-aware" if cfg.user.end_to_end else g.router
+    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, router, g.user_dim, emb_users or [], seed=cfg.seed)
     load_group_state(pm, load_file(str(run_dir / "group" / "experts.safetensors")))
     if pm.user_embs is not None:
         pm.user_embs.load_state_tensors("", load_file(str(run_dir / "group" / "user_embeddings.safetensors")))
     if upto == "user":
         return pm, tok
     u = cfg.user
-    pm.add_users(_user_ids(run_dir / "user" / "user_loras.safetensors"), u.r, u.alpha, u.lora_aware_router, seed=cfg.seed)
+    lora_aware = u.lora_aware_router and not u.end_to_end
+    pm.add_users(_user_ids(run_dir / "user" / "user_loras.safetensors"), u.r, u.alpha, lora_aware, seed=cfg.seed)
     pm.user_loras.load_state_tensors("", load_file(str(run_dir / "user" / "user_loras.safetensors")))
     if (run_dir / "user" / "router.safetensors").exists():
         load_group_state(pm, load_file(str(run_dir / "user" / "router.safetensors")))
@@ -135,16 +137,20 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
     train_u, target_u = split(cfg, ds)
     write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u], "target": [u.id for u in target_u]})
     write_manifest(run_dir, cfg)
+    e2e = cfg.user.end_to_end
     for s in stages:
-        if (run_dir / s).exists():
+        if (run_dir / s).exists() or (e2e and s == "group"):  # end-to-end: stage 2 trains inside stage 3
             continue
-        if s != "population" and not (run_dir / STAGES[STAGES.index(s) - 1]).exists():
-            raise ProperError(f"{run_dir}: stage {s} needs stage {STAGES[STAGES.index(s) - 1]} first")
-        model, tok = build_model(cfg, run_dir, s)
+        need = "population" if (e2e and s == "user") else (STAGES[STAGES.index(s) - 1] if s != "population" else None)
+        if need is not None and not (run_dir / need).exists():
+            raise ProperError(f"{run_dir}: stage {s} needs stage {need} first")
+        model, tok = build_model(cfg, run_dir, "group" if (e2e and s == "user") else s)
         ex = stage_examples(ds.task, s, train_u, target_u)
         if not ex:
             raise ProperError(f"stage {s}: no training examples (check the data split)")
-        {"population": train_population, "group": train_group, "user": train_users}[s](cfg, run_dir, model, tok, ex, resume=resume)
+        fn = {"population": train_population, "group": train_group,
+              "user": train_end_to_end if e2e else train_users}[s]
+        fn(cfg, run_dir, model, tok, ex, resume=resume)
         # Outputs are in place: the in-stage checkpoint is no longer needed.
         shutil.rmtree(run_dir / "checkpoints" / s, ignore_errors=True)
         write_manifest(run_dir, cfg)

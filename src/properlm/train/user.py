@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from properlm.io import atomic_dir
+from properlm.train.group import save_group
 from properlm.model.proper import ProperModel
 from properlm.train.config import RunConfig
 from properlm.train.examples import Example, encode
@@ -79,3 +80,34 @@ def save_users(pm: ProperModel, out: Path) -> Path:
         if rs:
             save_file(rs, str(tmp / "router.safetensors"))
     return out
+
+
+def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example],
+                     resume: bool = False) -> Path:
+    """The end-to-end ablation: experts, user-aware router and user LoRAs trained jointly.
+
+    On the stage-1 merged model, adds stage 2's experts and user-aware router with
+    an embedding per *target* user, and a LoRA per target user (no LoRA-aware
+    router), then trains all of it at once on the targets' history with the
+    constraint loss. Writes both ``RUN/group`` and ``RUN/user``.
+    """
+    gc, uc = cfg.group, cfg.user
+    seed_everything(cfg.seed)
+    users = sorted({e.user_id for e in examples})
+    pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, "user-aware", gc.user_dim, users, seed=cfg.seed)
+    pm.add_users(users, uc.r, uc.alpha, lora_aware_router=False, seed=cfg.seed)
+    shared = {n: p for n, p in pm.named_parameters() if ".experts." in n or ".router." in n}
+    for p in shared.values():
+        p.requires_grad_(True)
+    spec = MultiUserSpec(STAGE, shared, gc.lr, train_embs=True, train_loras=True, user_lr=uc.lr,
+                         weight_decay=uc.weight_decay, constraint_weight=gc.constraint_weight,
+                         per_user_batch=uc.per_user_batch, users_per_step=uc.users_per_step,
+                         epochs=uc.epochs, max_steps=uc.max_steps)
+    enc = [encode(tok, e, cfg.data.max_len) for e in examples]
+    run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
+                  cfg.bf16, cfg.progress, resume)
+    for p in shared.values():
+        p.requires_grad_(False)
+    pm.set_fallback_embedding()
+    save_group(pm, run_dir / "group")
+    return save_users(pm, run_dir / STAGE)
