@@ -30,6 +30,10 @@ class DataConfig:
             least active) or "count" (n random users).
         n_targets: n of the split.
         max_len: tokens per example (prompt truncated to fit).
+        max_history: keep only each user's latest N history items (None: all);
+            bounds training cost on long histories such as MovieLens's.
+        max_train_users: train stages 1-2 on at most this many of the non-target
+            users, a seeded random sample (None: all).
         synth_users: number of users of a ``synth:`` dataset.
         synth_groups: planted groups of a ``synth:`` dataset.
     """
@@ -39,6 +43,8 @@ class DataConfig:
     split: str = "oppu"
     n_targets: int = 100
     max_len: int = 128
+    max_history: int | None = None
+    max_train_users: int | None = None
     synth_users: int = 60
     synth_groups: int = 5
 
@@ -46,6 +52,8 @@ class DataConfig:
         _check(self.split in ("oppu", "low-resource", "count"), f"data.split must be oppu, low-resource or count, got {self.split!r}")
         _check(self.n_targets >= 1, "data.n_targets must be >= 1")
         _check(self.max_len >= 16, "data.max_len must be >= 16")
+        _check(self.max_history is None or self.max_history >= 1, "data.max_history must be >= 1 or null")
+        _check(self.max_train_users is None or self.max_train_users >= 1, "data.max_train_users must be >= 1 or null")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -51,17 +52,32 @@ FILES = {
 }
 
 
-def load_data(cfg: RunConfig) -> Dataset:
-    """The run's dataset: loaded from ``data.path`` or generated for ``synth:<task>``."""
+def load_data(cfg: RunConfig, truncate: bool = True) -> Dataset:
+    """The run's dataset: loaded from ``data.path`` or generated for ``synth:<task>``.
+
+    With ``data.max_history`` (and ``truncate``) each user keeps only their latest
+    N history items. The split is made before truncating, so "most active" means
+    the users' real history lengths.
+    """
     if cfg.data.path.startswith("synth:"):
-        return generate(task=cfg.data.path.split(":", 1)[1], n_users=cfg.data.synth_users,
-                        n_groups=cfg.data.synth_groups, seed=cfg.seed)
-    return load_dataset(cfg.data.path, task=cfg.data.task)
+        ds = generate(task=cfg.data.path.split(":", 1)[1], n_users=cfg.data.synth_users,
+                      n_groups=cfg.data.synth_groups, seed=cfg.seed)
+    else:
+        ds = load_dataset(cfg.data.path, task=cfg.data.task)
+    if truncate and cfg.data.max_history is not None:
+        for u in ds.users:
+            u.history = u.history[-cfg.data.max_history:]
+    return ds
 
 
 def split(cfg: RunConfig, ds: Dataset) -> tuple[list[User], list[User]]:
-    """(training users, target users) by the configured split."""
-    return split_users(ds, mode=cfg.data.split, n=cfg.data.n_targets, seed=cfg.seed)
+    """(training users, target users) by the configured split (and ``data.max_train_users``)."""
+    train_u, target_u = split_users(ds, mode=cfg.data.split, n=cfg.data.n_targets, seed=cfg.seed)
+    n = cfg.data.max_train_users
+    if n is not None and len(train_u) > n:
+        keep = set(np.random.default_rng(cfg.seed).choice(len(train_u), size=n, replace=False).tolist())
+        train_u = [u for i, u in enumerate(train_u) if i in keep]
+    return train_u, target_u
 
 
 def stage_examples(task: str, stage: str, train: list[User], targets: list[User]) -> list[Example]:
@@ -133,8 +149,11 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
             raise ProperError(f"{run_dir}: stage {done[0]} is already trained there; pass --resume to continue or choose a new --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    ds = load_data(cfg)
+    ds = load_data(cfg, truncate=False)
     train_u, target_u = split(cfg, ds)
+    if cfg.data.max_history is not None:
+        for u in ds.users:
+            u.history = u.history[-cfg.data.max_history:]
     write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u], "target": [u.id for u in target_u]})
     write_manifest(run_dir, cfg)
     e2e = cfg.user.end_to_end
