@@ -1,0 +1,217 @@
+"""Every method and baseline end to end on a tiny random model, the report's files and figures, the CLI.
+
+One run is trained once for the module (a few steps per stage) and evaluated
+with every method; a second run shares its stage 1 and trains a plain LoRAMoE
+stage 2 (text router, no constraint loss) for the density figure and Table 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from properlm.errors import ProperError
+from properlm.evaluate import baselines, figures
+from properlm.evaluate.commands import register
+from properlm.evaluate.evaluate import METHODS, evaluate_run, load_targets
+from properlm.evaluate.report import report
+from properlm.train.config import DataConfig, GroupConfig, PopulationConfig, RunConfig, UserConfig
+from properlm.train.run import train
+
+pytestmark = pytest.mark.slow
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = RunConfig(base_model="tiny-random", progress=False, data=DataConfig(synth_users=12, n_targets=3, max_len=64),
+                    population=PopulationConfig(max_steps=3), group=GroupConfig(max_steps=3),
+                    user=UserConfig(max_steps=3))
+    main, plain = root / "main", root / "plain"
+    train(cfg, main)
+    user_loras = (main / "user" / "user_loras.safetensors").read_bytes()
+    result = evaluate_run(main, max_new_tokens=3, profile_max_new_tokens=6, batch_size=8, progress=False)
+    shutil.copytree(main / "population", plain / "population")
+    train(replace(cfg, group=GroupConfig(max_steps=3, router="text", constraint_weight=0.0)), plain,
+          stages=("population", "group"))
+    evaluate_run(plain, methods=["stage2"], max_new_tokens=3, progress=False)
+    return SimpleNamespace(root=root, main=main, plain=plain, cfg=cfg, result=result, user_loras=user_loras)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A run without its evaluation and baselines."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval", "baselines"))
+    return dst
+
+
+def test_every_method_writes_lamp_predictions_and_per_user_scores(run):
+    _, _, targets = load_targets(run.main)
+    qids = [q.id for u in targets for q in u.queries]
+    assert list(run.result["methods"]) == list(METHODS)
+    golds = json.loads((run.main / "eval" / "golds.json").read_text())
+    assert golds["task"] == "synth-cls" and [g["id"] for g in golds["golds"]] == qids
+    for m in METHODS:
+        d = run.main / "eval" / m
+        pred = json.loads((d / "predictions.json").read_text())
+        assert pred["task"] == "synth-cls" and [p["id"] for p in pred["golds"]] == qids
+        assert all(isinstance(p["output"], str) for p in pred["golds"])
+        scores = json.loads((d / "scores.json").read_text())
+        assert set(scores["metrics"]) == {"accuracy", "f1"} and scores["n_queries"] == len(qids)
+        with open(d / "per_user.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == ["user_id", "history_len", "n_queries", "accuracy", "f1"]
+        assert [(r["user_id"], int(r["history_len"])) for r in rows] == [(u.id, len(u.history)) for u in targets]
+    summary = json.loads((run.main / "eval" / "summary.json").read_text())
+    assert list(summary["methods"]) == list(METHODS)
+
+
+def test_oppu_baselines_are_saved_apart_from_stage_3(run):
+    _, _, targets = load_targets(run.main)
+    for kind, part in (("oppu-kv", "self_attn."), ("oppu-mlp", "mlp.")):
+        d = run.main / "baselines" / kind
+        with safe_open(str(d / "user" / "user_loras.safetensors"), "pt") as f:
+            assert json.loads(f.metadata()["user_ids"]) == sorted(u.id for u in targets)
+            keys = list(f.keys())
+        assert keys and all(part in k for k in keys)
+        assert json.loads((d / "baseline.json").read_text())["params_per_user"] > 0
+        assert (d / "logs" / f"{kind}.jsonl").exists() and not (d / "checkpoints").exists()
+    kv = json.loads((run.main / "baselines" / "oppu-kv" / "baseline.json").read_text())
+    assert kv["targets"] == ["self_attn.k_proj", "self_attn.v_proj"]
+    assert (run.main / "user" / "user_loras.safetensors").read_bytes() == run.user_loras  # stage 3 untouched
+
+
+def test_pag_profiles_are_cached_per_user(run, monkeypatch):
+    _, _, targets = load_targets(run.main)
+    cached = json.loads((run.main / "baselines" / "pag" / "profiles.json").read_text())
+    assert set(cached) == {u.id for u in targets}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("profiles must come from the cache")
+
+    monkeypatch.setattr(baselines, "generate", no_generation)
+    assert baselines.user_profiles(run.cfg, run.main, targets, progress=False) == cached
+
+
+def test_known_predictions_are_scored_through_evaluate_run(run, tmp_path, monkeypatch):
+    import properlm.model.generate as gen
+
+    copy = _copy(run.main, tmp_path / "run")
+    _, _, targets = load_targets(copy)
+    right = {q.input: q.gold for q in targets[0].queries}  # the first user answered right, the others "meh"
+    calls = []
+
+    def fake(model, tok, prompts, lora_users=None, **kwargs):
+        calls.append(list(lora_users or []))
+        return [right.get(p, "meh") for p in prompts]
+
+    monkeypatch.setattr(gen, "generate", fake)
+    res = evaluate_run(copy, methods=["stage1", "stage3"], batch_size=4, progress=False)
+    m = res["methods"]["stage1"]
+    # 3 of 9 queries right ("meh" is no label, so never right)
+    assert m["metrics"]["accuracy"] == pytest.approx(3 / 9)
+    assert [r["accuracy"] for r in m["per_user"]] == [1.0, 0.0, 0.0]
+    pred = json.loads((copy / "eval" / "stage1" / "predictions.json").read_text())
+    assert sum(p["output"] != "meh" for p in pred["golds"]) == 3
+    # stage 3: rows carry their own users, and one batch mixes several users
+    lora_calls = calls[-3:]
+    assert all(set(c) <= {u.id for u in targets} for c in lora_calls)
+    assert max(len(set(c)) for c in lora_calls) >= 2
+
+
+def test_report_tables_and_figures_from_real_runs(run, tmp_path):
+    out = report([run.main, run.plain], tmp_path / "rep")
+    for name in ("tsne", "expert_density", "score_vs_history"):
+        path = Path(out["figures"][name])
+        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
+    with open(tmp_path / "rep" / "table1.csv", newline="") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == list(METHODS)
+    with open(tmp_path / "rep" / "efficiency.csv", newline="") as f:
+        eff = {r["stage"]: r for r in csv.DictReader(f)}
+    assert set(eff) == {"population", "group", "user", "oppu-kv", "oppu-mlp"}
+    assert int(eff["oppu-mlp"]["params_per_user"]) > int(eff["oppu-kv"]["params_per_user"]) > 0
+    assert float(eff["user"]["train_seconds"]) > 0
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["variant"] for r in data["tables"]["table3"]["rows"]] == ["PROPER (full)",
+                                                                        "w/ text router + no constraint loss"]
+    assert -1.0 <= data["routing_ari"] <= 1.0
+    assert "![tsne](tsne.png)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_routing_ari_is_one_for_a_perfect_partition(run, monkeypatch):
+    _, _, users = figures._routed_users(run.main)
+    ids = [u.id for u in users]
+    one_hot = np.eye(5)[[u.group for u in users]]
+    assert len(set(u.group for u in users)) > 1
+    monkeypatch.setattr(figures, "user_routing", lambda run_dir: (ids, one_hot))
+    assert figures.routing_ari(run.main) == pytest.approx(1.0)
+
+
+def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monkeypatch):
+    import properlm.model.generate as gen
+
+    e2e = tmp_path / "e2e"
+    shutil.copytree(run.main / "population", e2e / "population")
+    train(replace(run.cfg, user=UserConfig(max_steps=2, end_to_end=True)), e2e)
+    _, _, targets = load_targets(e2e)
+    seen = []
+
+    def fake(model, tok, prompts, lora_users=None, emb_users=None, **kwargs):
+        seen.append((list(lora_users), list(emb_users)))
+        return ["love"] * len(prompts)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    res = evaluate_run(e2e, methods=["proper"], progress=False)
+    assert all(lora == emb and set(emb) <= {u.id for u in targets} for lora, emb in seen)
+    assert res["methods"]["proper"]["metrics"]["accuracy"] >= 0.0
+    data = report([res], tmp_path / "rep", figures=False)
+    assert data["tables"]["table3"]["rows"][0]["variant"] == "w/ end-to-end"
+
+
+def test_missing_stage_is_a_clear_error(run):
+    with pytest.raises(ProperError, match="needs stage user"):
+        evaluate_run(run.plain, methods=["proper"], progress=False)
+
+
+def test_cli_evaluate_and_report(run, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="properlm")
+    register(parser.add_subparsers())
+    copy = _copy(run.main, tmp_path / "run")
+    args = parser.parse_args(["evaluate", "--run", str(copy), "--methods", "stage1", "--max-new-tokens", "2", "--quiet",
+                              "--sample"])
+    assert args.func(args) == 0
+    assert "stage1" in capsys.readouterr().out
+    assert (copy / "eval" / "stage1" / "predictions.json").exists()
+    args = parser.parse_args(["report", str(copy), "--out", str(tmp_path / "rep"), "--no-figures"])
+    assert args.func(args) == 0
+    assert (tmp_path / "rep" / "table1.csv").exists() and not (tmp_path / "rep" / "tsne.png").exists()
+
+
+def test_external_prediction_file_is_scored_and_filed(run, tmp_path):
+    from properlm.evaluate.evaluate import score_prediction_file
+
+    copy = _copy(run.main, tmp_path / "run")
+    golds = json.loads((run.main / "eval" / "golds.json").read_text())
+    path = tmp_path / "preds.json"
+    path.write_text(json.dumps({"task": "synth-cls", "golds": golds["golds"] + [{"id": "other", "output": "x"}]}))
+    parser = argparse.ArgumentParser(prog="properlm")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", "--run", str(copy), "--predictions", str(path), "--name", "oracle"])
+    assert args.func(args) == 0
+    scores = json.loads((copy / "eval" / "oracle" / "scores.json").read_text())
+    assert scores["metrics"]["accuracy"] == 1.0 and scores["source"] == str(path)
+    assert "oracle" in json.loads((copy / "eval" / "summary.json").read_text())["methods"]
+    path.write_text(json.dumps({"task": "synth-cls", "golds": golds["golds"][1:]}))
+    with pytest.raises(ProperError, match="no prediction for target query"):
+        score_prediction_file(copy, path, "partial")
+    with pytest.raises(ProperError, match="not a built-in method"):
+        score_prediction_file(copy, path, "proper")

@@ -1,0 +1,111 @@
+"""Report tables from evaluation results: which run goes in which table, the file formats, efficiency numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from properlm.config import to_dict
+from properlm.evaluate.report import (ablation_flags, build_tables, efficiency_rows, markdown_table, report,
+                                      run_kind, stage_timing)
+from properlm.train.config import DataConfig, GroupConfig, RunConfig, UserConfig
+
+
+def _result(name: str, mae: float, data=None, group=None, user=None, methods=("stage1", "proper"), extra=None) -> dict:
+    cfg = to_dict(RunConfig(base_model="tiny-random", data=data or DataConfig(), group=group or GroupConfig(),
+                            user=user or UserConfig()))
+    for k, v in (extra or {}).items():
+        cfg[k.split(".")[0]][k.split(".")[1]] = v
+    per_user = [{"user_id": "u1", "history_len": 4, "n_queries": 2, "mae": mae, "rmse": mae + 1}]
+    return {"run_dir": f"/nonexistent/{name}", "task": "LaMP-3", "lamp_id": "LaMP_3", "config": cfg,
+            "methods": {m: {"metrics": {"mae": mae + i, "rmse": mae + i + 1}, "per_user": per_user}
+                        for i, m in enumerate(methods)}}
+
+
+def _runs() -> list[dict]:
+    return [
+        _result("k2", 0.7, group=GroupConfig(num_experts=2)),
+        _result("main", 0.5),
+        _result("k8", 0.6, group=GroupConfig(num_experts=8)),
+        _result("low", 0.9, data=DataConfig(split="low-resource")),
+        _result("loramoe", 0.8, group=GroupConfig(router="text", constraint_weight=0.0), methods=("stage2",)),
+        _result("no-lar", 0.55, user=UserConfig(lora_aware_router=False)),
+        _result("e2e", 0.65, extra={"user.end_to_end": True}),
+    ]
+
+
+def test_runs_are_sorted_into_tables():
+    runs = _runs()
+    assert [run_kind(r["config"]) for r in runs] == ["main", "main", "main", "low-resource", "ablation", "ablation",
+                                                    "ablation"]
+    assert ablation_flags(runs[4]["config"]) == ["text router", "no constraint loss"]
+    t = build_tables(runs)
+    assert set(t) == {"table1", "table2", "table3", "experts"}  # no efficiency: the run dirs do not exist
+    # Table 1 is the K=5 run's methods, not the first run given
+    assert t["table1"]["columns"] == ["method", "LaMP-3 mae", "LaMP-3 rmse"]
+    assert t["table1"]["rows"] == [{"method": "stage1", "LaMP-3 mae": 0.5, "LaMP-3 rmse": 1.5},
+                                   {"method": "proper", "LaMP-3 mae": 1.5, "LaMP-3 rmse": 2.5}]
+    assert t["table2"]["rows"][0]["LaMP-3 mae"] == 0.9
+    assert [(r["variant"], r["method"], r["LaMP-3 mae"]) for r in t["table3"]["rows"]] == [
+        ("PROPER (full)", "proper", 1.5), ("w/ text router + no constraint loss", "stage2", 0.8),
+        ("w/ no LoRA-aware router", "proper", 1.55), ("w/ end-to-end", "proper", 1.65)]
+    assert [(r["num_experts"], r["LaMP-3 mae"]) for r in t["experts"]["rows"]] == [(2, 1.7), (5, 1.5), (8, 1.6)]
+
+
+def test_markdown_marks_the_best_value_by_metric_direction():
+    md = markdown_table(build_tables(_runs())["experts"])
+    assert "LaMP-3 mae ↓" in md
+    assert "| 5 | proper | **1.5000** | **2.5000** |" in md  # lower MAE is better
+    tie = {"columns": ["method", "LaMP-3 mae"], "rows": [{"method": "a", "LaMP-3 mae": 1.0},
+                                                         {"method": "b", "LaMP-3 mae": 1.0}]}
+    assert "**" not in markdown_table(tie)
+
+
+def test_report_files_are_well_formed(tmp_path):
+    out = report(_runs(), tmp_path / "rep", figures=False)
+    names = {p.rsplit("/", 1)[-1] for p in out["files"]}
+    assert names == {"table1.csv", "table2.csv", "table3.csv", "experts.csv", "per_user.csv", "report.md",
+                     "report.json"}
+    with open(tmp_path / "rep" / "table3.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["variant", "method", "LaMP-3 mae", "LaMP-3 rmse"] and len(rows) == 4
+    with open(tmp_path / "rep" / "per_user.csv", newline="") as f:
+        pu = list(csv.DictReader(f))
+    assert list(pu[0]) == ["run", "task", "method", "user_id", "history_len", "n_queries", "mae", "rmse"]
+    assert len(pu) == 13  # 6 runs x 2 methods + 1 run x 1 method, one user each
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(data["tables"]) == {"table1", "table2", "table3", "experts"} and data["routing_ari"] is None
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Table 1" in md and "## Table 2" in md and "## Table 3" in md and "experts K" in md
+
+
+def test_efficiency_from_saved_tensors_and_log_timestamps(tmp_path):
+    run = tmp_path / "run"
+    (run / "population").mkdir(parents=True)
+    (run / "group").mkdir()
+    (run / "user").mkdir()
+    (run / "logs").mkdir()
+    (run / "split.json").write_text(json.dumps({"train": ["a", "b", "c", "d"], "target": ["x", "y"]}))
+    save_file({"l.lora_A": torch.zeros(8, 16), "l.lora_B": torch.zeros(16, 8)}, str(run / "population" / "adapter_model.safetensors"))
+    save_file({"s.experts.lora_A": torch.zeros(10, 16), "s.router.w_text.weight": torch.zeros(5, 16),
+               "s.router.fallback_emb": torch.zeros(4)}, str(run / "group" / "experts.safetensors"))
+    save_file({"s.user_emb": torch.zeros(4, 4)}, str(run / "group" / "user_embeddings.safetensors"),
+              metadata={"user_ids": json.dumps(["a", "b", "c", "d"])})
+    save_file({"s.lora_A": torch.zeros(2, 3, 16)}, str(run / "user" / "user_loras.safetensors"))
+    for stage, times in (("population", [100.0, 104.0, 108.0]), ("user", [10.0, 11.0])):
+        (run / "logs" / f"{stage}.jsonl").write_text(
+            "".join(json.dumps({"stage": stage, "step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))
+    # 3 records 8 s apart in all: the first step's time is one more interval -> 8 * 3/2 = 12 s
+    assert stage_timing(run / "logs" / "population.jsonl") == (3, 12.0)
+    assert stage_timing(run / "logs" / "missing.jsonl") == (0, None)
+    rows = {r["stage"]: r for r in efficiency_rows(run)}
+    assert set(rows) == {"population", "group", "user"}
+    assert rows["population"]["trainable_params"] == 256 and rows["population"]["train_seconds"] == 12.0
+    # experts 160 + router 80 (the fallback buffer is not trained) + embeddings 16 = 256; 4 per user
+    assert rows["group"]["trainable_params"] == 256 and rows["group"]["params_per_user"] == 4
+    assert rows["group"]["train_seconds"] is None  # no log
+    assert rows["user"]["params_per_user"] == 48 and rows["user"]["n_users"] == 2
+    assert rows["user"]["train_seconds"] == 2.0 and rows["user"]["seconds_per_user"] == 1.0
