@@ -94,11 +94,17 @@ def load_tokenizer(spec: str = DEFAULT_BASE) -> PreTrainedTokenizerBase:
 
 
 def tiny_random_config(vocab_size: int = 49152) -> LlamaConfig:
-    """A 2-layer Llama with SwiGLU FFN, small enough for unit tests on a CPU."""
+    """A 2-layer Llama with SwiGLU FFN, small enough for unit tests on a CPU.
+
+    No ``pad_token_id``: Llama makes it the embedding's ``padding_idx``, which
+    zero-initialises that row, and SmolLM2's pad is its EOS/end-of-turn token
+    (id 2); with tied embeddings its logit would be 0 forever, so the model could
+    never learn to end an answer. Padding is masked everywhere, so no row is needed.
+    """
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=None,
     )
 
 

@@ -147,6 +147,8 @@ class ProperModel(nn.Module):
             leaves = self.user_embs.gather(rows, requires_grad)
             valid = (slots >= 0).unsqueeze(-1)
             for name, s in self.sites.items():
+                if s.router is None or s.router.kind != "user-aware":
+                    continue  # after stage 3 the LoRA-aware router replaces it and reads no embedding
                 e = leaves[f"{name}.user_emb"][slots.clamp(min=0)]            # (B, d_e)
                 self.state.user_emb[name] = torch.where(valid, e, s.router.fallback_emb.expand_as(e))
             out.emb_rows, out.emb_leaves = rows, leaves
