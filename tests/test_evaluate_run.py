@@ -128,6 +128,19 @@ def test_known_predictions_are_scored_through_evaluate_run(run, tmp_path, monkey
     assert max(len(set(c)) for c in lora_calls) >= 2
 
 
+def test_targets_keep_their_full_history_length_when_histories_are_cut(run, tmp_path):
+    from properlm.config import load_config, save_config
+
+    copy = _copy(run.main, tmp_path / "run")
+    cfg = load_config(RunConfig, copy / "config.yaml")
+    cfg.data.max_history = 2
+    save_config(cfg, copy / "config.yaml")
+    _, _, full = load_targets(run.main)
+    _, _, cut = load_targets(copy)
+    assert all(len(u.history) == 2 for u in cut)
+    assert [int(u.meta["history_len"]) for u in cut] == [len(u.history) for u in full]
+
+
 def test_report_tables_and_figures_from_real_runs(run, tmp_path):
     out = report([run.main, run.plain], tmp_path / "rep")
     for name in ("tsne", "expert_density", "score_vs_history"):

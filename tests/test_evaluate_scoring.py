@@ -36,6 +36,8 @@ def test_classification_scores_by_hand():
     assert rows[0] == {"user_id": "a", "history_len": 2, "n_queries": 2, "accuracy": 0.5,
                        "f1": pytest.approx(1 / 4)}  # love 1, like 0, hate TP0 FP1 -> 0, dislike 0
     assert rows[1] == {"user_id": "b", "history_len": 5, "n_queries": 1, "accuracy": 1.0, "f1": 0.25}
+    _, rows = score_predictions("synth-cls", [a, b], preds, history_lengths={"a": 40})  # e.g. before data.max_history
+    assert [r["history_len"] for r in rows] == [40, 5]
 
 
 def test_rating_scores_by_hand():

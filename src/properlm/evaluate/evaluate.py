@@ -79,14 +79,16 @@ def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) ->
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def score_predictions(task: Task | str, users: Sequence[User], predictions: dict[str, str]
-                      ) -> tuple[dict[str, float], list[dict]]:
+def score_predictions(task: Task | str, users: Sequence[User], predictions: dict[str, str],
+                      history_lengths: dict[str, int] | None = None) -> tuple[dict[str, float], list[dict]]:
     """LaMP's metrics over all users' labelled queries, and per user.
 
     Args:
         task: the task (its kind and labels choose the metrics).
         users: the evaluated users; their queries with a gold are scored.
         predictions: query id -> predicted output.
+        history_lengths: user id -> history length to report (default: ``len(user.history)``;
+            a run with ``data.max_history`` reports the users' full lengths).
 
     Returns:
         ``(metrics, per_user)``: metrics over all scored queries (e.g.
@@ -109,7 +111,8 @@ def score_predictions(task: Task | str, users: Sequence[User], predictions: dict
         p, g = [predictions[q.id] for q in qs], [q.gold for q in qs]
         preds += p
         golds += g
-        rows.append({"user_id": u.id, "history_len": len(u.history), "n_queries": len(qs),
+        n_hist = (history_lengths or {}).get(u.id, len(u.history))
+        rows.append({"user_id": u.id, "history_len": n_hist, "n_queries": len(qs),
                      **score(task.kind, p, g, task.labels)})
     if not golds:
         raise ProperError("no query with a gold answer among the evaluated users: nothing to score")
@@ -125,20 +128,34 @@ def lamp_predictions(task: Task, predictions: dict[str, str]) -> dict:
 
 
 def load_targets(run_dir: str | Path) -> tuple[RunConfig, Task, list[User]]:
-    """The run's config, task and target users (with their history and queries)."""
+    """The run's config, task and target users (with their history and queries).
+
+    Histories are cut to the latest ``data.max_history`` items as in training;
+    each user's full length is kept in ``user.meta["history_len"]``.
+    """
     from properlm.train.run import load_data, read_split
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ProperError(f"{run_dir}: not a run directory (no config.yaml); train one with properlm train")
     cfg = load_config(RunConfig, run_dir / "config.yaml")
-    ds = load_data(cfg)
+    ds = load_data(cfg, truncate=False)
     split = read_split(run_dir)
     by_id = {u.id: u for u in ds.users}
     missing = [uid for uid in split["target"] if uid not in by_id]
     if missing:
         raise ProperError(f"{run_dir}: target user {missing[0]} of split.json is not in the run's data")
-    return cfg, get_task(ds.task), [by_id[uid] for uid in split["target"]]
+    targets = [by_id[uid] for uid in split["target"]]
+    keep = getattr(cfg.data, "max_history", None)
+    for u in targets:
+        u.meta["history_len"] = str(len(u.history))
+        if keep is not None:
+            u.history = u.history[-keep:]
+    return cfg, get_task(ds.task), targets
+
+
+def _history_lengths(users: Sequence[User]) -> dict[str, int]:
+    return {u.id: int(u.meta.get("history_len", len(u.history))) for u in users}
 
 
 def _model(method: str, cfg: RunConfig, run_dir: Path, task: Task, targets: list[User]):
@@ -269,7 +286,7 @@ def _write_method(run_dir: Path, task: Task, targets: list[User], method: str, p
              "metrics": {}}
     per_user: list[dict] = []
     if any(q.gold is not None for u in targets for q in u.queries):
-        entry["metrics"], per_user = score_predictions(task, targets, preds)
+        entry["metrics"], per_user = score_predictions(task, targets, preds, _history_lengths(targets))
     write_json(out / "scores.json", entry)
     write_json(out / "per_user.json", per_user)
     write_csv(out / "per_user.csv", per_user, ["user_id", "history_len", "n_queries", *task.metric_names])
