@@ -113,13 +113,17 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor]
     """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=ckpt_root))
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    torch.save(extra, tmp / "extra.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    final = ckpt_root / f"step-{step:08d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        torch.save(extra, tmp / "extra.pt")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        final = ckpt_root / f"step-{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_text(ckpt_root / "latest", final.name)
     for old in ckpt_root.glob("step-*"):  # keep only the newest
         if old != final:

@@ -92,7 +92,7 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
     out = run_dir / STAGE
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
-    model.unload()  # leave `lm` as it came (the caller merges from the saved adapter)
+    model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
     return out
 
 

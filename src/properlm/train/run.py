@@ -106,7 +106,7 @@ def build_model(cfg: RunConfig, run_dir: Path, upto: str):
         return lm, tok
     pm = ProperModel(merge_population(lm, run_dir / "population"))
     if upto == "group":
-        return pm, tok
+        return pm.eval(), tok
     g = cfg.group
     emb_users = _user_ids(run_dir / "group" / "user_embeddings.safetensors")
     router = "user-aware" if cfg.user.end_to_end else g.router
@@ -115,7 +115,7 @@ def build_model(cfg: RunConfig, run_dir: Path, upto: str):
     if pm.user_embs is not None:
         pm.user_embs.load_state_tensors("", load_file(str(run_dir / "group" / "user_embeddings.safetensors")))
     if upto == "user":
-        return pm, tok
+        return pm.eval(), tok
     u = cfg.user
     lora_aware = u.lora_aware_router and not u.end_to_end
     pm.add_users(_user_ids(run_dir / "user" / "user_loras.safetensors"), u.r, u.alpha, lora_aware, seed=cfg.seed)
