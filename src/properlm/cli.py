@@ -114,6 +114,8 @@ COMMANDS: dict[str, Register | str] = {
     "data": register_data,
     "train": "properlm.train.commands:register",
     "generate": "properlm.train.commands:register_generate",
+    "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
+    "demo": "properlm.demo:register",
 }
 
 
