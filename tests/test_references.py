@@ -30,3 +30,28 @@ def test_user_and_item_means():
 def test_only_for_rating_tasks():
     with pytest.raises(ValueError):
         reference_predictions(get_task("synth-cls"), Dataset("synth-cls", []), [])
+
+
+def test_evaluate_run_scores_references_without_a_model(tmp_path):
+    """`user-mean`/`item-mean` go through evaluate_run like any method (no stage needed)."""
+    from pathlib import Path
+
+    from properlm.config import save_config
+    from properlm.data import load_dataset
+    from properlm.evaluate.evaluate import evaluate_run
+    from properlm.evaluate.metrics import score
+    from properlm.io import write_json
+    from properlm.train.config import DataConfig, RunConfig
+
+    fixture = Path(__file__).parent / "fixtures" / "lamp3"
+    ds = load_dataset(fixture)
+    cfg = RunConfig(base_model="tiny-random", data=DataConfig(path=str(fixture), n_targets=1))
+    run = tmp_path / "run"
+    save_config(cfg, run / "config.yaml")
+    write_json(run / "split.json", {"task": ds.task, "train": [], "target": [u.id for u in ds.users]})
+    res = evaluate_run(run, methods=["user-mean", "item-mean"], progress=False)
+    preds = reference_predictions(get_task(ds.task), ds, ds.users)["user-mean"]
+    golds = {q.id: q.gold for u in ds.users for q in u.queries}
+    want = score("rating", [preds[k] for k in golds], [golds[k] for k in golds])
+    assert res["methods"]["user-mean"]["metrics"]["mae"] == pytest.approx(want["mae"])
+    assert (run / "eval" / "item-mean" / "predictions.json").exists()

@@ -50,11 +50,13 @@ from properlm.io import read_json, write_json, write_text
 from properlm.train.config import RunConfig
 
 METHODS = ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")
+#: Rating tasks only: the user's and the item's mean rating (no model; see evaluate/references.py).
+REFERENCE_METHODS = ("user-mean", "item-mean")
 ALIASES = {"stage3": "proper", "non-personalized": "stage1", "oppu_kv": "oppu-kv", "oppu_mlp": "oppu-mlp"}
 #: Answer length by task kind (OPPU decodes up to 200 tokens; labels and scores need a few).
 MAX_NEW_TOKENS = {"classification": 16, "rating": 8, "generation": 64}
-#: OPPU's decoding (OPPU.py): do_sample, temperature 0.1, top-p 0.9 (top-k 10 not exposed here).
-OPPU_SAMPLING = {"temperature": 0.1, "top_p": 0.9}
+#: OPPU's decoding (OPPU.py): do_sample, temperature 0.1, top-p 0.9, top-k 10.
+OPPU_SAMPLING = {"temperature": 0.1, "top_p": 0.9, "top_k": 10}
 _STAGE_NEEDED = {"stage1": "population", "rag": "population", "pag": "population", "oppu-kv": "population",
                  "oppu-mlp": "population", "stage2": "group", "proper": "user"}
 
@@ -62,8 +64,8 @@ _STAGE_NEEDED = {"stage1": "population", "rag": "population", "pag": "population
 def canonical_method(name: str) -> str:
     """``"stage3"`` -> ``"proper"`` etc.; raises ProperError on an unknown method."""
     m = ALIASES.get(name, name)
-    if m not in METHODS:
-        raise ProperError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    if m not in METHODS + REFERENCE_METHODS:
+        raise ProperError(f"unknown method {name!r}: choose from {', '.join(METHODS + REFERENCE_METHODS)}")
     return m
 
 
@@ -235,7 +237,8 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
 
     Args:
         run_dir: a run directory made by ``properlm train``.
-        methods: any of :data:`METHODS` (aliases: ``stage3``); None: all of them.
+        methods: any of :data:`METHODS` (aliases: ``stage3``) or, for rating tasks,
+            :data:`REFERENCE_METHODS`; None: all of them (references only for rating tasks).
         sample: OPPU's sampling instead of greedy decoding (see the module doc).
         max_new_tokens: answer length limit; None: by task kind (:data:`MAX_NEW_TOKENS`).
         batch_size: queries decoded per forward pass (mixing users).
@@ -253,8 +256,9 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
         ProperError: not a run directory, a stage a method needs is missing, unknown method.
     """
     run_dir = Path(run_dir)
-    methods = list(dict.fromkeys(canonical_method(m) for m in (methods or METHODS)))
     cfg, task, targets = load_targets(run_dir)
+    default = METHODS + (REFERENCE_METHODS if task.kind == "rating" else ())
+    methods = list(dict.fromkeys(canonical_method(m) for m in (methods or default)))
     gold_qs = [q for u in targets for q in u.queries if q.gold is not None]
     write_json(run_dir / "eval" / "golds.json",
                {"task": task.lamp_id, "golds": [{"id": q.id, "output": q.gold} for q in gold_qs]})
@@ -263,6 +267,17 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
                 **(OPPU_SAMPLING if sample else {})}
     result = {"run_dir": str(run_dir), "task": task.name, "lamp_id": task.lamp_id, "config": to_dict(cfg), "methods": {}}
     for method in methods:
+        if method in REFERENCE_METHODS:
+            from properlm.evaluate.references import reference_predictions
+            from properlm.train.run import load_data
+
+            try:
+                preds = reference_predictions(task, load_data(cfg), targets)[method]
+            except ValueError as e:
+                raise ProperError(f"method {method}: {e}") from None
+            result["methods"][method] = _write_method(run_dir, task, targets, method, preds, generation_seconds=0.0,
+                                                      settings={})
+            continue
         model, tok = _model(method, cfg, run_dir, task, targets)
         rows = _rows(method, model, cfg, run_dir, task, targets, tok, rag_k, max_prompt_tokens, sample,
                      profile_max_new_tokens, progress)

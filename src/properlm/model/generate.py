@@ -17,7 +17,7 @@ from properlm.train.population import autocast
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], lora_users: list[str | None] | None = None,
              emb_users: list[str | None] | None = None, max_new_tokens: int = 16, max_prompt_tokens: int = 512,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, batch_size: int = 32,
              bf16: bool = False, seed: int = 0) -> list[str]:
     """Answer ``prompts``; row i is personalized for ``lora_users[i]`` / ``emb_users[i]``.
 
@@ -29,7 +29,7 @@ def generate(model, tok, prompts: list[str], lora_users: list[str | None] | None
         emb_users: per row, a stage-2 training user or None (fallback routing).
         max_new_tokens: answer length limit.
         max_prompt_tokens: prompts are cut to this many tokens.
-        do_sample, temperature, top_p: sampling (greedy by default).
+        do_sample, temperature, top_p, top_k: sampling (greedy by default).
         batch_size: rows per forward pass.
         bf16: bfloat16 autocast.
         seed: sampling seed.
@@ -59,7 +59,7 @@ def generate(model, tok, prompts: list[str], lora_users: list[str | None] | None
         with autocast(bf16):
             gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                               do_sample=do_sample, temperature=temperature if do_sample else None,
-                              top_p=top_p if do_sample else None, top_k=None,
+                              top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,
                               eos_token_id=stop, pad_token_id=tok.pad_token_id)
         out += [tok.decode(g[t:], skip_special_tokens=True).strip() for g in gen]
     if isinstance(model, ProperModel):
