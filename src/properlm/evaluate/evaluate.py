@@ -14,12 +14,13 @@ rag        stage 1 with the user's top-1 BM25 history item prepended (LaMP)
 pag        rag with a base-LLM-written profile of the user in front (OPPU)
 oppu-kv    stage 1 + a LoRA per user on attention k, v (trained when missing)
 oppu-mlp   stage 1 + a LoRA per user on the FFN (trained when missing)
+user-mean  rating tasks: the user's mean history rating (no model)
+item-mean  rating tasks: the item's mean rating over all users' histories
 =========  ===================================================================
 
 Queries of many users decode together (each row gathers its own user's LoRA).
 Decoding is greedy; ``sample=True`` uses OPPU's settings (temperature 0.1,
-top-p 0.9; OPPU also sets top-k 10, which ``properlm.model.generate`` does not
-expose). Files written::
+top-p 0.9, top-k 10). Files written::
 
     RUN/eval/golds.json                 the target queries' golds, LaMP's gold layout
     RUN/eval/<method>/predictions.json  {"task": "LaMP_3", "golds": [{"id", "output"}]}
