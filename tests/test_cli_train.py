@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from properlm.cli import main
 
@@ -70,3 +71,36 @@ def test_every_command_has_help(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "usage:" in capsys.readouterr().out
+
+
+def test_users_add_trains_only_the_new_user_and_delete_removes_them(tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert main(["train", "--all", "--out", str(run), *TINY]) == 0
+    split = json.loads((run / "split.json").read_text())
+    newcomer = split["train"][0]  # has history in the run's data but no LoRA yet
+    path = run / "user" / "user_loras.safetensors"
+    before = load_file(str(path))
+    assert main(["users", "add", "--run", str(run), "--users", newcomer]) == 0
+    after = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        ids = json.loads(f.metadata()["user_ids"])
+    assert ids[-1] == newcomer and len(ids) == len(split["target"]) + 1
+    for k, v in before.items():  # existing users: bit for bit
+        assert torch.equal(after[k][: len(ids) - 1], v), k
+    assert any(not torch.equal(after[k][-1], torch.zeros_like(after[k][-1])) for k in after if k.endswith("lora_B"))
+    assert newcomer in json.loads((run / "split.json").read_text())["target"]
+
+    assert main(["users", "delete", "--run", str(run), "--users", newcomer, split["target"][0]]) == 0
+    with safe_open(str(path), "pt") as f:
+        left = json.loads(f.metadata()["user_ids"])
+    assert newcomer not in left and split["target"][0] not in left
+    with safe_open(str(run / "group" / "user_embeddings.safetensors"), "pt") as f:
+        assert newcomer not in json.loads(f.metadata()["user_ids"])
+    from properlm import load_run
+    assert split["target"][0] not in load_run(run).users
+    shutil.rmtree(run)

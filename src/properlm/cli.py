@@ -114,6 +114,7 @@ COMMANDS: dict[str, Register | str] = {
     "data": register_data,
     "train": "properlm.train.commands:register",
     "generate": "properlm.train.commands:register_generate",
+    "users": "properlm.train.commands:register_users",
     "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
     "demo": "properlm.demo:register",
 }

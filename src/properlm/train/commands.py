@@ -59,3 +59,35 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("query", help="the query text")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from properlm.train.users import add_users
+
+    done = add_users(args.run, args.users, data=args.data)
+    print(f"trained LoRAs of {len(done)} user(s) in {args.run}; every other user unchanged")
+    return 0
+
+
+def cmd_users_delete(args: argparse.Namespace) -> int:
+    from properlm.train.users import delete_users
+
+    removed = delete_users(args.run, args.users)
+    print(", ".join(f"{k}: {v} removed" for k, v in removed.items()) or "nothing to remove")
+    return 0
+
+
+def register_users(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``properlm users add|delete``."""
+    p = subparsers.add_parser("users", help="add, refresh or delete users of a trained run")
+    p.set_defaults(func=lambda _a: p.print_help())
+    sub = p.add_subparsers(metavar="SUBCOMMAND")
+    a = sub.add_parser("add", help="train LoRAs for new users (or refresh existing ones) against the frozen router")
+    a.add_argument("--run", required=True, help="a run with all three stages")
+    a.add_argument("--users", nargs="+", required=True, help="user ids")
+    a.add_argument("--data", default=None, help="dataset holding their histories (default: the run's data)")
+    a.set_defaults(func=cmd_users_add)
+    d = sub.add_parser("delete", help="remove users' LoRAs, embeddings and cached profiles from a run")
+    d.add_argument("--run", required=True, help="a run directory")
+    d.add_argument("--users", nargs="+", required=True, help="user ids")
+    d.set_defaults(func=cmd_users_delete)
