@@ -38,6 +38,17 @@ class Bound:
     lora_leaves: dict[str, torch.Tensor] | None = None
 
 
+def _freeze(*modules: nn.Module) -> None:
+    """New stage modules start frozen like the base; a stage's trainer unfreezes what it trains.
+
+    Otherwise stage 3 on a model rebuilt from disk (``add_group`` then ``train_users``)
+    would compute weight gradients for the frozen experts at every step, unused.
+    """
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
 def _rows_and_slots(bank: UserParams, users: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique bank rows present (P,) and each batch row's slot in them (B,), -1 for None."""
     idx = [bank.index(u) if u is not None else -1 for u in users]
@@ -84,6 +95,7 @@ class ProperModel(nn.Module):
             for s in self.sites.values():
                 s.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
                 s.add_experts(num_experts, r, alpha, router, user_dim)
+                _freeze(s.experts, s.router)
         if router == "user-aware":
             shapes = {f"{name}.user_emb": (user_dim,) for name in self.sites}
             self.user_embs = UserParams(train_users, shapes, {k: "normal" for k in shapes}, seed=seed)
@@ -111,6 +123,7 @@ class ProperModel(nn.Module):
                     old = s.router
                     s.router = Router(s.base.in_features, s.experts.k, "lora-aware", r)
                     s.router.w_text.weight.data.copy_(old.w_text.weight.data)
+                    _freeze(s.router)
 
     def set_fallback_embedding(self) -> None:
         """Store the mean learned user embedding per site: the routing for unseen users."""
