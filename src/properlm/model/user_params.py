@@ -30,11 +30,15 @@ class UserParams:
         shapes: ``name -> per-user shape``, e.g. ``{"layers.0.mlp.up_proj.lora_A": (4, 576)}``.
         init: ``name -> "kaiming" | "zeros" | "normal"``; "kaiming" is LoRA's A
             initialisation (PEFT's kaiming-uniform with a=sqrt(5)).
+        normal_std: standard deviation of "normal" rows: small, so all users start with the
+            same routing and users with similar data receive similar gradients.
         seed: each user's rows are initialised from ``seed`` and a hash of the
             user id, so a user's start is the same however many users share the bank.
     """
 
-    def __init__(self, user_ids: list[str], shapes: dict[str, tuple[int, ...]], init: dict[str, str], seed: int = 0):
+    def __init__(self, user_ids: list[str], shapes: dict[str, tuple[int, ...]], init: dict[str, str], seed: int = 0,
+                 normal_std: float = 0.02):
+        self.normal_std = normal_std
         self.user_ids = list(user_ids)
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.init, self.seed = dict(init), seed
@@ -56,7 +60,7 @@ class UserParams:
                 bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) gives 1/sqrt(fan_in)
                 self.params[k][row] = torch.rand(s, generator=g) * 2 * bound - bound
             elif how == "normal":
-                self.params[k][row] = torch.randn(s, generator=g) * 0.02
+                self.params[k][row] = torch.randn(s, generator=g) * self.normal_std
             else:
                 self.params[k][row] = 0.0
 

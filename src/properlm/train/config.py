@@ -93,6 +93,8 @@ class GroupConfig:
         user_dim: width of the learned user embeddings.
         constraint_weight: weight of the cross-user routing cosine loss (0 = ablation w/o it).
         lr: AdamW learning rate (paper 2e-4).
+        user_lr: learning rate of the user embeddings (None: ``lr``); each
+            embedding sees only its user's steps, so it may want a larger one.
         users_per_step: distinct users per batch (>= 2 so the constraint loss has pairs).
         per_user_batch: examples of each user per step.
         epochs, max_steps: how long.
@@ -106,6 +108,7 @@ class GroupConfig:
     user_dim: int = 32
     constraint_weight: float = 0.1
     lr: float = 2e-4
+    user_lr: float | None = None
     users_per_step: int = 4
     per_user_batch: int = 1
     epochs: int = 1

@@ -65,7 +65,7 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     for p in shared.values():
         p.requires_grad_(True)
     spec = MultiUserSpec(STAGE, shared, gc.lr, train_embs=gc.router == "user-aware", train_loras=False,
-                         user_lr=gc.lr, weight_decay=0.0, constraint_weight=gc.constraint_weight,
+                         user_lr=gc.user_lr if gc.user_lr is not None else gc.lr, weight_decay=0.0, constraint_weight=gc.constraint_weight,
                          per_user_batch=gc.per_user_batch, users_per_step=gc.users_per_step,
                          epochs=gc.epochs, max_steps=gc.max_steps)
     enc = [encode(tok, e, cfg.data.max_len) for e in examples]
