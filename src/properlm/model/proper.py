@@ -168,10 +168,17 @@ class ProperModel(nn.Module):
         if lora_users is not None and self.user_loras is not None and any(u is not None for u in lora_users):
             rows, slots = _rows_and_slots(self.user_loras, lora_users)
             leaves = self.user_loras.gather(rows, requires_grad)
-            valid = (slots >= 0).float().view(-1, 1, 1)
+            # The usual training step has one row per user, in bank order: the gathered
+            # leaves are then already the rows' factors, and copying them (and their
+            # gradients back) per site would only cost time. Same values either way.
+            one_each = len(rows) == len(slots) and bool((slots == torch.arange(len(slots))).all())
+            valid = None if bool((slots >= 0).all()) else (slots >= 0).float().view(-1, 1, 1)
             for name in self.sites:
-                a = leaves[f"{name}.lora_A"][slots.clamp(min=0)] * valid      # (B, r, d_in)
-                b = leaves[f"{name}.lora_B"][slots.clamp(min=0)] * valid      # (B, d_out, r)
+                a, b = leaves[f"{name}.lora_A"], leaves[f"{name}.lora_B"]       # (P, r, d_in), (P, d_out, r)
+                if not one_each:
+                    a, b = a[slots.clamp(min=0)], b[slots.clamp(min=0)]       # (B, ...)
+                if valid is not None:
+                    a, b = a * valid, b * valid                               # rows without a user LoRA: zeros
                 self.state.user_lora[name] = (a, b)
             out.lora_rows, out.lora_leaves = rows, leaves
         return out
