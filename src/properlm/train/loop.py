@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from properlm.io import write_text
+from properlm.io import atomic_dir, write_text
 
 
 def seed_everything(seed: int) -> None:
@@ -111,19 +109,11 @@ class RunLogger:
 
 def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], extra: dict) -> Path:
     """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ckpt.", dir=ckpt_root))
-    try:
+    final = ckpt_root / f"step-{step:08d}"
+    with atomic_dir(final) as tmp:  # the directory appears only when complete
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         torch.save(extra, tmp / "extra.pt")
         (tmp / "step.json").write_text(json.dumps({"step": step}))
-        final = ckpt_root / f"step-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text(ckpt_root / "latest", final.name)
     for old in ckpt_root.glob("step-*"):  # keep only the newest
         if old != final:
