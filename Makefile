@@ -28,3 +28,17 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Performance benchmarks (not part of the test suite): see docs/benchmarks.md.
+# `make bench` prints the side-by-side ratios (~25 min on 2 CPU cores);
+# `make bench-check` exits non-zero when a ratio misses its target;
+# `make bench-quick` is a < 1 minute smoke run on the tiny random model.
+.PHONY: bench bench-check bench-quick
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-check: $(STAMP)
+	$(BIN)/python -m benchmarks.run --check $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick --check

@@ -1,0 +1,208 @@
+"""Levers on the hardware use of the batched stage-3 step, measured side by side.
+
+One batch (the first example of every user) is trained again and again, each
+variant once per round, rounds interleaved, so all variants see the same load.
+For each variant: seconds per step, trained tokens/s, model FLOP/s (the honest
+count of ``common.train_flops`` on real tokens) and its fraction of the bf16
+matmul peak measured in the same round.
+
+Variants:
+- ``default``: properlm's stage 3 as it runs (``run_multiuser``, bf16 autocast);
+- ``before: ...``: properlm's code before a speed change, re-created here by a
+  patch, so each change's gain is measured in the same run:
+  ``gather copies`` (user factors copied per site and row, times a 0/1 mask),
+  ``experts trainable`` (frozen experts' weight gradients computed, as on a model
+  rebuilt from disk); ``before: both`` combines them;
+- ``causal-only attention``: no padding mask for right-padded batches (same
+  real-token outputs; tried, not adopted);
+- ``fp32``: no autocast;
+- ``eager attention``: transformers' matmul attention instead of SDPA;
+- ``bf16 base weights``: the frozen linears stored in bf16 (no per-step casts);
+- ``eager + bf16 base``: both;
+- ``no dropout``: LoRA dropout off: not a lever (it changes training), but it
+  bounds what dropout's mask generation costs;
+- packing is not run: its bound is the padding efficiency (real / padded tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+import torch
+
+import properlm.model.proper as proper_mod
+import properlm.train.multiuser as multiuser_mod
+from benchmarks.common import (BenchConfig, Dims, Timer, batch_stats, make_data, matmul_peak, median, proper_stage3,
+                               train_flops)
+from benchmarks.train import batched_step, multiuser_spec
+
+
+@contextlib.contextmanager
+def causal_only():
+    """Give the attention no padding mask when the batch is right-padded (the causal path).
+
+    Real tokens then see exactly what they saw before (they only attend to earlier,
+    real, tokens; positions count from 0 either way); only padded positions, which
+    no loss reads, change. Tried as a change to ``completion_nll``: not kept, as
+    it measured within noise of the masked path here.
+    """
+    orig = multiuser_mod.completion_nll
+
+    def nll(lm, input_ids, attention_mask, labels):
+        m = attention_mask.bool()
+        right = bool(m[:, 0].all()) and bool((m[:, 1:] <= m[:, :-1]).all())
+        return orig(lm, input_ids, None if right else attention_mask, labels)
+
+    multiuser_mod.completion_nll = nll
+    try:
+        yield
+    finally:
+        multiuser_mod.completion_nll = orig
+
+
+@contextlib.contextmanager
+def gather_copies():
+    """ProperModel.bind as before: every site's factors indexed per row and multiplied by a validity mask."""
+    orig = proper_mod.ProperModel.bind
+
+    def bind(self, emb_users=None, lora_users=None, **kw):
+        out = orig(self, emb_users=emb_users, lora_users=lora_users, **kw)
+        if out.lora_leaves is not None:
+            _, slots = proper_mod._rows_and_slots(self.user_loras, lora_users)
+            valid = (slots >= 0).float().view(-1, 1, 1)
+            for name in self.sites:
+                a = out.lora_leaves[f"{name}.lora_A"][slots.clamp(min=0)] * valid
+                b = out.lora_leaves[f"{name}.lora_B"][slots.clamp(min=0)] * valid
+                self.state.user_lora[name] = (a, b)
+        return out
+
+    proper_mod.ProperModel.bind = bind
+    try:
+        yield
+    finally:
+        proper_mod.ProperModel.bind = orig
+
+
+@contextlib.contextmanager
+def experts_trainable(pm):
+    ps = [p for s in pm.sites.values() if s.experts is not None for p in s.experts.parameters()]
+    for p in ps:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in ps:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+@contextlib.contextmanager
+def attention(pm, impl: str):
+    old = pm.lm.config._attn_implementation
+    pm.lm.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        pm.lm.set_attn_implementation(old)
+
+
+@contextlib.contextmanager
+def bf16_base(pm):
+    """Store the frozen decoder linears (attention and FFN bases) in bf16 while inside."""
+    saved = []
+    for layer in pm.lm.get_decoder().layers:
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
+                if any(m is s.experts for s in pm.sites.values()):
+                    continue
+                saved.append((m, m.weight.data))
+                m.weight.data = m.weight.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for m, w in saved:
+            m.weight.data = w
+
+
+@contextlib.contextmanager
+def no_dropout(pm):
+    old = {n: s.dropout for n, s in pm.sites.items()}
+    for s in pm.sites.values():
+        s.dropout = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        for n, s in pm.sites.items():
+            s.dropout = old[n]
+
+
+def variants(pm) -> dict:
+    """name -> (context factory, bf16 autocast)."""
+    def stack(*fs):
+        @contextlib.contextmanager
+        def both():
+            with contextlib.ExitStack() as es:
+                for f in fs:
+                    es.enter_context(f())
+                yield
+        return both
+
+    nothing = contextlib.nullcontext
+    return {
+        "default": (nothing, True),
+        "before: gather copies": (gather_copies, True),
+        "before: experts trainable": (lambda: experts_trainable(pm), True),
+        "before: both": (stack(gather_copies, lambda: experts_trainable(pm)), True),
+        "causal-only attention": (causal_only, True),
+        "fp32": (nothing, False),
+        "eager attention": (lambda: attention(pm, "eager"), True),
+        "bf16 base weights": (lambda: bf16_base(pm), True),
+        "eager + bf16 base": (stack(lambda: attention(pm, "eager"), lambda: bf16_base(pm)), True),
+        "no dropout (bound)": (lambda: no_dropout(pm), True),
+    }
+
+
+def bench_levers(cfg: BenchConfig, log=print) -> dict:
+    from properlm.model.base import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    users, enc, _ = make_data(cfg, tok)
+    pm, tok, shared = proper_stage3(cfg, users, experts=True)
+    for p in shared.values():
+        p.requires_grad_(True)
+    spec = multiuser_spec(cfg, shared, len(users))
+    run_dir = Path(tempfile.mkdtemp(prefix="properlm-bench-levers-"))
+    encs = [enc[u][0] for u in users]
+    st = batch_stats(encs)
+    flops = train_flops(Dims.of(pm.lm), st["lengths"], st["completions"], cfg.r, cfg.experts, cfg.expert_r,
+                        router=True)["total"]
+    tokens = sum(st["lengths"])
+    vs = variants(pm)
+    log(f"[levers] {len(vs)} variants x {cfg.lever_rounds} rounds, batch {len(encs)} rows x {max(st['lengths'])} tokens")
+    for name, (ctx, bf16) in vs.items():  # warm-up: every variant's kernels once
+        with ctx():
+            batched_step(cfg, pm, spec, encs, tok.pad_token_id, run_dir, bf16=bf16)
+    timer, peaks = Timer(), []
+    for k in range(cfg.lever_rounds):
+        peaks.append(matmul_peak(2048, 0.5))
+        for name, (ctx, bf16) in vs.items():
+            with ctx():
+                with timer(name):
+                    batched_step(cfg, pm, spec, encs, tok.pad_token_id, run_dir, bf16=bf16)
+        log(f"[levers] round {k + 1}: peak {peaks[-1] / 1e9:.0f} GFLOP/s; "
+            + ", ".join(f"{n} {timer.rounds[n][-1]:.2f}s" for n in vs))
+    out = {"rows": len(encs), "tokens": tokens, "model_flops_per_step": flops,
+           "padding_efficiency": tokens / st["padded"], "peak_gflops_median": median(peaks) / 1e9, "variants": {}}
+    base = median(timer.rounds["default"])
+    for name in vs:
+        ts = timer.rounds[name]
+        out["variants"][name] = {
+            "seconds_per_step": median(ts), "seconds_min": min(ts), "tokens_per_s": tokens / median(ts),
+            "model_gflops_per_s": flops / median(ts) / 1e9,
+            "peak_fraction": median([flops / t / p for t, p in zip(ts, peaks)]),
+            "speed_vs_default": base / median(ts),
+            "speed_vs_default_min": min(timer.rounds["default"]) / min(ts),
+        }
+    return out

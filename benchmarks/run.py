@@ -1,0 +1,184 @@
+"""Run properlm's performance benchmarks and print the ratios.
+
+    .venv/bin/python -m benchmarks.run                 # documented numbers (embedded SmolLM2-135M)
+    .venv/bin/python -m benchmarks.run --check         # same; exit 1 when a ratio misses its target
+    .venv/bin/python -m benchmarks.run --quick         # tiny random model, < 1 minute (smoke check)
+    .venv/bin/python -m benchmarks.run --only train,generate --threads 1
+
+Results go to ``runs/bench/results.json`` (``results-quick.json`` with ``--quick``).
+Every contender of a benchmark runs in this one process, interleaved with the
+others, so the ratios hold even when other processes share the machine; the
+absolute numbers do not. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import BenchConfig, machine_info, matmul_peak, peak_sweep
+
+SECTIONS = ("train", "levers", "generate", "memory")
+
+# name -> (target, how to read it from the results, section); a ratio must be >= its target.
+TARGETS = {
+    "stage-3 training, batched vs sequential PEFT (batch 1), tokens/s": (3.0, lambda r: r["train"]["ratio_vs_seq_b1"], "train"),
+    "stage-3 training, fraction of bf16 matmul peak": (0.6, lambda r: r["train"]["contenders"]["proper"]["peak_fraction"], "train"),
+    "generation, mixed-user batch vs PEFT adapter switching (each at its faster precision)":
+        (5.0, lambda r: r["generate"]["ratio"], "generate"),
+}
+# Memory: per-user growth of peak RSS within this band of 3 x adapter bytes (LoRA + 2 AdamW moments).
+MEMORY_BAND = (0.8, 1.25)
+
+
+def checks(res: dict, quick: bool) -> list[tuple[str, float, str, bool]]:
+    """(what, value, target text, ok) for every target whose section ran."""
+    out = []
+    for name, (target, get, sec) in TARGETS.items():
+        if sec not in res:
+            continue
+        v = get(res)
+        if quick:  # the targets are for the embedded model; the tiny one only has to run
+            out.append((name, v, "finite (quick)", math.isfinite(v) and v > 0))
+        else:
+            out.append((name, v, f">= {target:g}", v >= target))
+    if "memory" in res:
+        v = res["memory"]["slope_over_adapter_bytes"] / 3
+        lo, hi = MEMORY_BAND
+        out.append(("memory, peak RSS growth per user / (3 x adapter bytes)", v, f"in [{lo:g}, {hi:g}]", lo <= v <= hi))
+    return out
+
+
+def summary(res: dict) -> str:
+    lines = []
+    m = res["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; "
+                 f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}")
+    p = res["peaks_gflops"]
+    lines.append("bf16 matmul peak: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) + " GFLOP/s")
+    if "train" in res:
+        t = res["train"]
+        c = t["contenders"]
+        lines.append(f"\nstage-3 training: {t['users']} users x {t['examples_per_user']} examples, {t['tokens']} tokens, "
+                     f"bf16 autocast={t['bf16']}, padding efficiency {t['padding_efficiency']:.2f}")
+        lines.append(f"  {'contender':<13} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8}")
+        for k, v in c.items():
+            lines.append(f"  {k:<13} {v['seconds']:8.1f} {v['tokens_per_s']:9.0f} {v['model_gflops_per_s']:8.1f} "
+                         f"{v['peak_fraction']:8.2f}")
+        lines.append(f"  batched vs sequential PEFT, batch 1: {t['ratio_vs_seq_b1']:.2f}x "
+                     f"(median of rounds {t['ratio_vs_seq_b1_round_median']:.2f}x); batch 1 with completion-only "
+                     f"LM head: {t['ratio_vs_seq_b1_head']:.2f}x; batch {t['oppu_batch']}: {t['ratio_vs_seq_b16']:.2f}x")
+        lines.append(f"  LoRA-only batched (same model as PEFT) vs the same: {t['ratio_lora_only_vs_seq_b1']:.2f}x, "
+                     f"{t['ratio_lora_only_vs_seq_b1_head']:.2f}x, {t['ratio_lora_only_vs_seq_b16']:.2f}x")
+        lines.append(f"  peak median {t['peak_gflops_median']:.0f} GFLOP/s; batched fraction of peak "
+                     f"{c['proper']['peak_fraction']:.2f} (median of rounds {c['proper']['peak_fraction_round_median']:.2f})")
+    if "levers" in res:
+        lv = res["levers"]
+        lines.append(f"\nlevers (one {lv['rows']}-row batch, padding efficiency {lv['padding_efficiency']:.2f}):")
+        lines.append(f"  {'variant':<26} {'s/step':>7} {'min':>6} {'tokens/s':>9} {'of peak':>8} {'vs default':>10} "
+                     f"{'(mins)':>7}")
+        for k, v in lv["variants"].items():
+            lines.append(f"  {k:<26} {v['seconds_per_step']:7.2f} {v['seconds_min']:6.2f} {v['tokens_per_s']:9.0f} "
+                         f"{v['peak_fraction']:8.2f} {v['speed_vs_default']:10.2f} {v['speed_vs_default_min']:7.2f}")
+    if "generate" in res:
+        g = res["generate"]
+        lines.append(f"\ngeneration: {g['queries']} queries of {g['queries']} users, {g['max_new_tokens']} new tokens")
+        for prec, r in g["precisions"].items():
+            lines.append(f"  {prec}: mixed batch {r['mixed_batch']['seconds']:.2f}s, LoRA-only mixed batch "
+                         f"{r['mixed_batch_lora_only']['seconds']:.2f}s, PEFT switching {r['peft_switch']['seconds']:.2f}s"
+                         f" -> {r['ratio']:.1f}x ({r['ratio_lora_only']:.1f}x LoRA-only); "
+                         f"LoRA-only = PEFT answers {r['agree']}/{g['queries']}")
+    if "memory" in res:
+        mm = res["memory"]
+        lines.append(f"\nmemory ({mm['measure']}); adapter {mm['adapter_bytes_per_user'] / 2**20:.2f} MiB per user:")
+        for s in mm["settings"]:
+            lines.append(f"  {s['users']:>5} users: peak RSS {s['peak_rss'] / 2**20:8.0f} MiB, user bank "
+                         f"{s['bank_bytes'] / 2**20:8.1f} MiB")
+        if mm.get("skipped"):
+            lines.append(f"  skipped for lack of free memory: {mm['skipped']} users")
+        lines.append(f"  growth {mm['slope_bytes_per_user'] / 2**20:.2f} MiB per user = "
+                     f"{mm['slope_over_adapter_bytes']:.2f} x adapter bytes (LoRA + 2 AdamW moments = 3x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random model, small settings (< 1 minute)")
+    ap.add_argument("--check", action="store_true", help="exit 1 when a ratio falls below its target")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the core count)")
+    ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--examples-per-user", type=int, default=None)
+    ap.add_argument("--out", default=None, help="results JSON (default runs/bench/results[-quick].json)")
+    a = ap.parse_args(argv)
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    load0 = os.getloadavg()
+    kw = {k: v for k, v in (("users", a.users), ("examples_per_user", a.examples_per_user), ("threads", a.threads))
+          if v is not None}
+    cfg = BenchConfig.quick_config(**kw) if a.quick else BenchConfig(**kw)
+    torch.set_num_threads(cfg.threads)  # quick: 1 (the tiny model gains nothing from more, see tests/conftest.py)
+    if "oppu_batch" not in kw and cfg.examples_per_user < cfg.oppu_batch:
+        cfg.oppu_batch = cfg.examples_per_user
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    t0 = time.time()
+    res: dict = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "config": cfg.to_dict(), "machine": machine_info()}
+    res["machine"]["loadavg_start"] = list(load0)
+    log(f"properlm benchmarks ({'quick, tiny-random' if a.quick else cfg.model}); {cfg.threads} torch threads; "
+        f"load average {load0[0]:.2f}")
+    if load0[0] > 0.5:
+        log(f"  note: other processes are running (load {load0[0]:.2f}); ratios are measured side by side, "
+            "absolute rates will be low")
+    peaks = peak_sweep(seconds=0.5 if a.quick else 1.5)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    peaks["bf16_2048_1thread"] = matmul_peak(2048, 0.5 if a.quick else 1.5) / 1e9
+    torch.set_num_threads(n)
+    res["peaks_gflops"] = peaks
+    log("matmul peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+
+    if "train" in only:
+        from benchmarks.train import bench_train
+        res["train"] = bench_train(cfg, log)
+    if "levers" in only:
+        from benchmarks.levers import bench_levers
+        res["levers"] = bench_levers(cfg, log)
+    if "generate" in only:
+        from benchmarks.generation import bench_generation
+        res["generate"] = bench_generation(cfg, log)
+    if "memory" in only:
+        from benchmarks.memory import bench_memory
+        res["memory"] = bench_memory(cfg, log)
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["seconds"] = time.time() - t0
+    res["checks"] = [{"what": w, "value": v, "target": t, "ok": ok} for w, v, t, ok in checks(res, a.quick)]
+
+    out = Path(a.out or f"runs/bench/results{'-quick' if a.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print("\n" + summary(res))
+    print("\ntargets:")
+    for c in res["checks"]:
+        print(f"  [{'ok' if c['ok'] else 'MISS'}] {c['what']}: {c['value']:.2f} (target {c['target']})")
+    print(f"\n{res['seconds']:.0f} s; results in {out}")
+    if a.check and not all(c["ok"] for c in res["checks"]):
+        print("benchmark check failed: a ratio is below its target", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
