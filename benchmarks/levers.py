@@ -27,6 +27,7 @@ Variants:
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def bench_levers(cfg: BenchConfig, log=print) -> dict:
                     batched_step(cfg, pm, spec, encs, tok.pad_token_id, run_dir, bf16=bf16)
         log(f"[levers] round {k + 1}: peak {peaks[-1] / 1e9:.0f} GFLOP/s; "
             + ", ".join(f"{n} {timer.rounds[n][-1]:.2f}s" for n in vs))
+    shutil.rmtree(run_dir, ignore_errors=True)
     out = {"rows": len(encs), "tokens": tokens, "model_flops_per_step": flops,
            "padding_efficiency": tokens / st["padded"], "peak_gflops_median": median(peaks) / 1e9, "variants": {}}
     base = median(timer.rounds["default"])

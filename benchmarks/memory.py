@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,7 @@ def child(cfg: BenchConfig, n_users: int) -> dict:
     for s in range(cfg.memory_steps):
         batch_users = [trained[(s * ups + i) % len(trained)] for i in range(ups)]
         batched_step(cfg, pm, spec, [e for u in batch_users for e in enc[u]], tok.pad_token_id, run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
     bank = pm.user_loras
     per_user = sum(int(torch.Size(s).numel()) for s in bank.shapes.values()) * 4  # fp32
     bank_bytes = sum(v.nbytes for d in (bank.params, bank.exp_avg, bank.exp_avg_sq) for v in d.values())
@@ -104,7 +106,8 @@ def bench_memory(cfg: BenchConfig, log=print) -> dict:
                 continue
         cmd = [sys.executable, "-m", "benchmarks.memory", "--child", "--users", str(n), "--model", cfg.model,
                "--steps", str(cfg.memory_steps), "--threads", str(cfg.threads), "--rows", str(cfg.memory_rows)]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's defaults
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, env=env)
         if p.returncode != 0:
             raise RuntimeError(f"memory child for {n} users failed:\n{p.stderr[-3000:]}")
         row = json.loads(p.stdout.strip().splitlines()[-1])

@@ -17,7 +17,9 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +28,17 @@ import torch
 from benchmarks.common import BenchConfig, machine_info, matmul_peak, peak_sweep
 
 SECTIONS = ("train", "levers", "generate", "memory")
+
+# glibc malloc settings the benchmark process runs under (re-executed with them unless
+# --default-malloc): one process holds all contenders' models (two ProperModels and a
+# PEFT model with 96 adapters) and interleaves them, and with glibc's adaptive mmap
+# threshold and heap trimming its large activation buffers were returned to the kernel
+# and faulted back in at every step (up to 20% system time, step times drifting up
+# by a third over a run). A fixed 32 MiB mmap threshold and no trimming keep them. A
+# training process holding one model is affected much less (~4% on the batched step,
+# docs/benchmarks.md). The memory benchmark's children run with the default malloc.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
+              "MALLOC_TOP_PAD_": "268435456"}
 
 # name -> (target, how to read it from the results, section); a ratio must be >= its target.
 TARGETS = {
@@ -60,7 +73,8 @@ def summary(res: dict) -> str:
     lines = []
     m = res["machine"]
     lines.append(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; "
-                 f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}")
+                 f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}; other busy "
+                 f"processes at start {m.get('busy_processes_at_start', '?')}, at end {m.get('busy_processes_at_end', '?')}")
     p = res["peaks_gflops"]
     lines.append("bf16 matmul peak: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) + " GFLOP/s")
     if "train" in res:
@@ -108,6 +122,67 @@ def summary(res: dict) -> str:
     return "\n".join(lines)
 
 
+def busy_others(seconds: float = 1.0) -> int:
+    """Other processes that used more than half a core over ``seconds`` (from /proc)."""
+    def ticks() -> dict[int, int]:
+        out = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != os.getpid():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        parts = f.read().rsplit(")", 1)[1].split()
+                    out[int(d)] = int(parts[11]) + int(parts[12])  # utime + stime
+                except (OSError, IndexError, ValueError):
+                    pass
+        return out
+    a = ticks()
+    time.sleep(seconds)
+    b = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(1 for p, t in b.items() if p in a and (t - a[p]) / hz > 0.5 * seconds)
+
+
+def section(name: str, cfg: BenchConfig, log) -> dict:
+    if name == "train":
+        from benchmarks.train import bench_train
+        return bench_train(cfg, log)
+    if name == "levers":
+        from benchmarks.levers import bench_levers
+        return bench_levers(cfg, log)
+    if name == "generate":
+        from benchmarks.generation import bench_generation
+        return bench_generation(cfg, log)
+    from benchmarks.memory import bench_memory
+    return bench_memory(cfg, log)
+
+
+def run_section(name: str, args: list[str], log) -> dict:
+    """One benchmark in a fresh process (its contenders side by side inside it), so that what
+    an earlier benchmark left in the allocator and caches does not slow a later one."""
+    fd, tmp = tempfile.mkstemp(prefix=f"properlm-bench-{name}-", suffix=".json")
+    os.close(fd)
+    keep = []
+    skip = False
+    for x in args:  # the parent's settings, minus what the child gets its own of
+        if skip:
+            skip = False
+            continue
+        if x in ("--only", "--out", "--section"):
+            skip = True
+            continue
+        if x == "--check" or x.startswith(("--only=", "--out=", "--section=")):
+            continue
+        keep.append(x)
+    cmd = [sys.executable, "-m", "benchmarks.run", *keep, "--section", name, "--out", tmp]
+    p = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        if p.returncode != 0:
+            raise RuntimeError(f"benchmark section {name!r} failed (exit {p.returncode})")
+        return json.loads(Path(tmp).read_text())
+    finally:
+        os.unlink(tmp)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny random model, small settings (< 1 minute)")
@@ -117,7 +192,23 @@ def main(argv=None) -> int:
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--examples-per-user", type=int, default=None)
     ap.add_argument("--out", default=None, help="results JSON (default runs/bench/results[-quick].json)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default malloc behaviour (see MALLOC_ENV in benchmarks/run.py)")
+    ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)  # internal: one section, JSON to --out
+    args = list(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(args)
+    if not a.default_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *args], {**os.environ, **MALLOC_ENV})
+    if a.section:  # child: one section, its result as JSON to --out
+        cfg = (BenchConfig.quick_config if a.quick else BenchConfig)(
+            **{k: v for k, v in (("users", a.users), ("examples_per_user", a.examples_per_user),
+                                 ("threads", a.threads)) if v is not None})
+        torch.set_num_threads(cfg.threads)
+        if cfg.examples_per_user < cfg.oppu_batch:
+            cfg.oppu_batch = cfg.examples_per_user
+        Path(a.out).write_text(json.dumps(section(a.section, cfg, lambda m: print(m, flush=True))))
+        return 0
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
@@ -134,14 +225,17 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     t0 = time.time()
-    res: dict = {"command": "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+    res: dict = {"command": "python -m benchmarks.run " + " ".join(args),
+                 "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
                  "config": cfg.to_dict(), "machine": machine_info()}
     res["machine"]["loadavg_start"] = list(load0)
     log(f"properlm benchmarks ({'quick, tiny-random' if a.quick else cfg.model}); {cfg.threads} torch threads; "
         f"load average {load0[0]:.2f}")
-    if load0[0] > 0.5:
-        log(f"  note: other processes are running (load {load0[0]:.2f}); ratios are measured side by side, "
-            "absolute rates will be low")
+    others = busy_others()
+    res["machine"]["busy_processes_at_start"] = others
+    if others:
+        log(f"  note: {others} other busy process(es) on this machine; ratios are measured side by side, absolute "
+            f"rates will be low{'; with 2 threads per process a contended core slows small ops badly (--threads 1)' if cfg.threads > 1 else ''}")
     peaks = peak_sweep(seconds=0.5 if a.quick else 1.5)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -150,19 +244,11 @@ def main(argv=None) -> int:
     res["peaks_gflops"] = peaks
     log("matmul peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
 
-    if "train" in only:
-        from benchmarks.train import bench_train
-        res["train"] = bench_train(cfg, log)
-    if "levers" in only:
-        from benchmarks.levers import bench_levers
-        res["levers"] = bench_levers(cfg, log)
-    if "generate" in only:
-        from benchmarks.generation import bench_generation
-        res["generate"] = bench_generation(cfg, log)
-    if "memory" in only:
-        from benchmarks.memory import bench_memory
-        res["memory"] = bench_memory(cfg, log)
+    for sec in SECTIONS:
+        if sec in only:  # --quick (a smoke check that must stay under a minute) runs them in this process
+            res[sec] = section(sec, cfg, log) if a.quick else run_section(sec, args, log)
     res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["machine"]["busy_processes_at_end"] = busy_others()
     res["seconds"] = time.time() - t0
     res["checks"] = [{"what": w, "value": v, "target": t, "ok": ok} for w, v, t, ok in checks(res, a.quick)]
 

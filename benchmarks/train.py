@@ -25,6 +25,7 @@ contender alike.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -159,11 +160,12 @@ def bench_train(cfg: BenchConfig, log=print) -> dict:
         log(f"[train] round {k + 1}/{E}: peak {peaks[-1] / 1e9:.0f} GFLOP/s, "
             + ", ".join(f"{n} {toks[n][-1] / _round_time(timer, n, k, chunks):.0f} tok/s" for n in fl))
 
+    shutil.rmtree(run_dir, ignore_errors=True)
     peak = median(peaks)
     out = {"users": U, "examples_per_user": E, "oppu_batch": cfg.oppu_batch, "bf16": cfg.bf16,
            "tokens": sum(toks["proper"]), "padding_efficiency": real / padded,
            "adapter_switch_s_excluded": switch_s, "peak_gflops_median": peak / 1e9,
-           "peak_gflops_max": max(peaks) / 1e9, "contenders": {}}
+           "peak_gflops_max": max(peaks) / 1e9, "peaks_gflops_per_round": [p / 1e9 for p in peaks], "contenders": {}}
     for n in fl:
         secs = timer.total[n]
         per_round = [_round_time(timer, n, k, chunks) for k in range(E)]
@@ -172,6 +174,7 @@ def bench_train(cfg: BenchConfig, log=print) -> dict:
             "model_flops": sum(fl[n]), "model_gflops_per_s": sum(fl[n]) / secs / 1e9,
             "peak_fraction": sum(fl[n]) / secs / peak,
             "peak_fraction_round_median": median([f / t / p for f, t, p in zip(fl[n], per_round, peaks)]),
+            "seconds_per_round": per_round,
         }
     c = out["contenders"]
     for who in ("proper", "lora_only"):
