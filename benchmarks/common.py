@@ -45,6 +45,7 @@ class BenchConfig:
     expert_alpha: float = 8.0
     lr: float = 2e-4
     bf16: bool = True
+    attention: str = "eager"             # every contender; eager beats sdpa at these lengths on CPU (levers)
     max_len: int = 256
     gen_tokens: int = 16
     gen_repeats: int = 2
@@ -184,9 +185,10 @@ def proper_stage3(cfg: BenchConfig, users: list[str], experts: bool = True, base
     ``base``: an already loaded ``(lm, tok)`` (wrapped in place). Returns (pm, tok, shared router parameters).
     """
     from properlm.model.base import load_base
+    from properlm.model.layers import lora_dropout
     from properlm.model.proper import ProperModel
 
-    lm, tok = base if base is not None else load_base(cfg.model)
+    lm, tok = base if base is not None else load_base(cfg.model, attention=cfg.attention)
     pm = ProperModel(lm)
     if experts:
         pm.add_group(cfg.experts, cfg.expert_r, cfg.expert_alpha, cfg.dropout, "user-aware", 32,
@@ -196,7 +198,7 @@ def proper_stage3(cfg: BenchConfig, users: list[str], experts: bool = True, base
         pm.set_fallback_embedding()
     pm.add_users(users, cfg.r, cfg.alpha, lora_aware_router=experts, seed=cfg.seed)
     for s in pm.sites.values():
-        s.dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else torch.nn.Identity()
+        s.dropout = lora_dropout(cfg.dropout)
     shared = {n: p for n, p in pm.named_parameters() if ".router." in n}
     return pm, tok, shared
 
@@ -207,7 +209,7 @@ def peft_users(cfg: BenchConfig, users: list[str]):
 
     from properlm.model.base import load_base
 
-    lm, tok = load_base(cfg.model)
+    lm, tok = load_base(cfg.model, attention=cfg.attention)
     lc = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(FFN),
                     task_type="CAUSAL_LM")
     model = get_peft_model(lm, lc, adapter_name=users[0])

@@ -7,18 +7,18 @@ count of ``common.train_flops`` on real tokens) and its fraction of the bf16
 matmul peak measured in the same round.
 
 Variants:
-- ``default``: properlm's stage 3 as it runs (``run_multiuser``, bf16 autocast);
+- ``default``: properlm's stage 3 as it runs (``run_multiuser``, bf16 autocast,
+  frozen base linears held in bf16, ``LoraDropout``), with the benchmark's
+  attention implementation (``BenchConfig.attention``, eager by default);
 - ``before: ...``: properlm's code before a speed change, re-created here by a
   patch, so each change's gain is measured in the same run:
   ``gather copies`` (user factors copied per site and row, times a 0/1 mask),
-  ``experts trainable`` (frozen experts' weight gradients computed, as on a model
-  rebuilt from disk); ``before: both`` combines them;
+  ``float32 frozen weights`` (autocast casting every frozen weight on every call),
+  ``torch dropout`` (``nn.Dropout``'s bernoulli mask), ``all`` (the three);
 - ``causal-only attention``: no padding mask for right-padded batches (same
   real-token outputs; tried, not adopted);
 - ``fp32``: no autocast;
-- ``eager attention``: transformers' matmul attention instead of SDPA;
-- ``bf16 base weights``: the frozen linears stored in bf16 (no per-step casts);
-- ``eager + bf16 base``: both;
+- ``sdpa attention`` / ``eager attention``: the other attention implementation;
 - ``no dropout``: LoRA dropout off: not a lever (it changes training), but it
   bounds what dropout's mask generation costs;
 - packing is not run: its bound is the padding efficiency (real / padded tokens).
@@ -87,19 +87,6 @@ def gather_copies():
 
 
 @contextlib.contextmanager
-def experts_trainable(pm):
-    ps = [p for s in pm.sites.values() if s.experts is not None for p in s.experts.parameters()]
-    for p in ps:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in ps:
-            p.requires_grad_(False)
-            p.grad = None
-
-
-@contextlib.contextmanager
 def attention(pm, impl: str):
     old = pm.lm.config._attn_implementation
     pm.lm.set_attn_implementation(impl)
@@ -110,21 +97,28 @@ def attention(pm, impl: str):
 
 
 @contextlib.contextmanager
-def bf16_base(pm):
-    """Store the frozen decoder linears (attention and FFN bases) in bf16 while inside."""
-    saved = []
-    for layer in pm.lm.get_decoder().layers:
-        for m in layer.modules():
-            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
-                if any(m is s.experts for s in pm.sites.values()):
-                    continue
-                saved.append((m, m.weight.data))
-                m.weight.data = m.weight.data.to(torch.bfloat16)
+def float32_frozen():
+    """Before: the frozen linears stayed float32 and autocast cast them on every call."""
+    old = multiuser_mod.frozen_bf16
+    multiuser_mod.frozen_bf16 = lambda model, enabled: contextlib.nullcontext(0)
     try:
         yield
     finally:
-        for m, w in saved:
-            m.weight.data = w
+        multiuser_mod.frozen_bf16 = old
+
+
+@contextlib.contextmanager
+def torch_dropout(pm):
+    """Before: ``nn.Dropout`` (a bernoulli draw per element) on the adapters' input."""
+    old = {n: s.dropout for n, s in pm.sites.items()}
+    for s in pm.sites.values():
+        if hasattr(s.dropout, "p"):
+            s.dropout = torch.nn.Dropout(s.dropout.p)
+    try:
+        yield
+    finally:
+        for n, s in pm.sites.items():
+            s.dropout = old[n]
 
 
 @contextlib.contextmanager
@@ -151,16 +145,16 @@ def variants(pm) -> dict:
         return both
 
     nothing = contextlib.nullcontext
+    other = "sdpa" if pm.lm.config._attn_implementation == "eager" else "eager"
     return {
         "default": (nothing, True),
         "before: gather copies": (gather_copies, True),
-        "before: experts trainable": (lambda: experts_trainable(pm), True),
-        "before: both": (stack(gather_copies, lambda: experts_trainable(pm)), True),
+        "before: float32 frozen weights": (float32_frozen, True),
+        "before: torch dropout": (lambda: torch_dropout(pm), True),
+        "before: all": (stack(gather_copies, float32_frozen, lambda: torch_dropout(pm)), True),
         "causal-only attention": (causal_only, True),
         "fp32": (nothing, False),
-        "eager attention": (lambda: attention(pm, "eager"), True),
-        "bf16 base weights": (lambda: bf16_base(pm), True),
-        "eager + bf16 base": (stack(lambda: attention(pm, "eager"), lambda: bf16_base(pm)), True),
+        f"{other} attention": (lambda: attention(pm, other), True),
         "no dropout (bound)": (lambda: no_dropout(pm), True),
     }
 

@@ -59,7 +59,7 @@ def child(cfg: BenchConfig, n_users: int) -> dict:
     # each user brings several examples per step.
     ups = min(cfg.memory_rows, n_users)
     pub = -(-cfg.memory_rows // ups)
-    lm, tok = load_base(cfg.model)
+    lm, tok = load_base(cfg.model, attention=cfg.attention)
     # Data only for the users that train here; the bank holds all n_users (the rest never train).
     trained, enc, _ = make_data(cfg, tok, n_users=min(n_users, ups * cfg.memory_steps), per_user=pub)
     users = trained + [f"idle{i:06d}" for i in range(n_users - len(trained))]

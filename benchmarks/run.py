@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, the core count)")
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--examples-per-user", type=int, default=None)
+    ap.add_argument("--attention", choices=("eager", "sdpa"), default=None,
+                    help="attention implementation of every contender (default eager)")
     ap.add_argument("--out", default=None, help="results JSON (default runs/bench/results[-quick].json)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default malloc behaviour (see MALLOC_ENV in benchmarks/run.py)")
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     if a.section:  # child: one section, its result as JSON to --out
         cfg = (BenchConfig.quick_config if a.quick else BenchConfig)(
             **{k: v for k, v in (("users", a.users), ("examples_per_user", a.examples_per_user),
-                                 ("threads", a.threads)) if v is not None})
+                                 ("threads", a.threads), ("attention", a.attention)) if v is not None})
         torch.set_num_threads(cfg.threads)
         if cfg.examples_per_user < cfg.oppu_batch:
             cfg.oppu_batch = cfg.examples_per_user
@@ -214,8 +216,8 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown section(s) {bad}; choose from {SECTIONS}")
     load0 = os.getloadavg()
-    kw = {k: v for k, v in (("users", a.users), ("examples_per_user", a.examples_per_user), ("threads", a.threads))
-          if v is not None}
+    kw = {k: v for k, v in (("users", a.users), ("examples_per_user", a.examples_per_user), ("threads", a.threads),
+                            ("attention", a.attention)) if v is not None}
     cfg = BenchConfig.quick_config(**kw) if a.quick else BenchConfig(**kw)
     torch.set_num_threads(cfg.threads)  # quick: 1 (the tiny model gains nothing from more, see tests/conftest.py)
     if "oppu_batch" not in kw and cfg.examples_per_user < cfg.oppu_batch:

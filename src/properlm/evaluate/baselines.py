@@ -62,7 +62,7 @@ def oppu_trained(run_dir: str | Path, kind: str) -> bool:
 def _merged_model(cfg: RunConfig, run_dir: Path, targets: tuple[str, ...]) -> tuple[ProperModel, object]:
     if not (run_dir / "population").exists():
         raise ProperError(f"{run_dir}: the OPPU baselines sit on the merged stage-1 model; train stage population first")
-    lm, tok = load_base(cfg.base_model, seed=cfg.seed)
+    lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
     return ProperModel(merge_population(lm, run_dir / "population"), targets=targets), tok
 
 
@@ -147,7 +147,7 @@ def user_profiles(cfg: RunConfig, run_dir: str | Path, users: list[User], sample
     todo = [u for u in users if u.id not in cache]
     if todo:
         task = get_task(run_task(run_dir))
-        lm, tok = load_base(cfg.base_model, seed=cfg.seed)
+        lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
         sampling = PROFILE_SAMPLING if sample else {}
         for s in tqdm(range(0, len(todo), batch_size), desc="pag profiles", disable=not progress, dynamic_ncols=True):
             chunk = todo[s:s + batch_size]

@@ -108,12 +108,17 @@ def tiny_random_config(vocab_size: int = 49152) -> LlamaConfig:
     )
 
 
-def load_base(spec: str = DEFAULT_BASE, seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+ATTENTION = ("sdpa", "eager")
+
+
+def load_base(spec: str = DEFAULT_BASE, seed: int = 0, attention: str = "sdpa") -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """Load a base causal LM and its tokenizer, in float32, in eval mode.
 
     Args:
         spec: ``"smollm2"``, ``"tiny-random"``, a HF model directory or a ``.gguf`` path.
         seed: initialisation seed for ``tiny-random``.
+        attention: transformers' attention implementation, ``"sdpa"`` (its default)
+            or ``"eager"`` (faster for short sequences on CPU, see docs/benchmarks.md).
 
     Raises:
         ModelError: when the model cannot be found, with how to get it.
@@ -132,5 +137,8 @@ def load_base(spec: str = DEFAULT_BASE, seed: int = 0) -> tuple[LlamaForCausalLM
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if attention not in ATTENTION:
+        raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    model.set_attn_implementation(attention)
     model.eval()
     return model, tok

@@ -11,7 +11,7 @@ import torch
 
 from properlm.model.proper import ProperModel
 from properlm.train.examples import encode_prompt
-from properlm.train.population import autocast
+from properlm.train.precision import autocast
 
 
 @torch.no_grad()

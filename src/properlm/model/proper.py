@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from properlm.model.layers import ProperLinear, Router, RoutingState
+from properlm.model.layers import ProperLinear, Router, RoutingState, lora_dropout
 from properlm.model.user_params import UserParams
 
 FFN_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -93,7 +93,7 @@ class ProperModel(nn.Module):
         with g:
             torch.manual_seed(seed)
             for s in self.sites.values():
-                s.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+                s.dropout = lora_dropout(dropout)
                 s.add_experts(num_experts, r, alpha, router, user_dim)
                 _freeze(s.experts, s.router)
         if router == "user-aware":

@@ -166,7 +166,10 @@ class RunConfig:
         seed: seeds model init, data order and dropout.
         checkpoint_every: steps between checkpoints (each stage also saves at its end).
         max_grad_norm: gradient clipping (per user for user-owned parameters).
-        bf16: bfloat16 autocast for the forward pass (CPU and GPU).
+        bf16: bfloat16 autocast for the forward pass (CPU and GPU); the frozen base
+            linears are held in bf16 while a stage trains (same numbers, fewer casts).
+        attention: "sdpa" (transformers' default) or "eager"; eager is faster on CPU
+            for short sequences (the demo's), sdpa for long ones and on GPU.
         progress: show progress bars.
     """
 
@@ -175,6 +178,7 @@ class RunConfig:
     checkpoint_every: int = 50
     max_grad_norm: float = 1.0
     bf16: bool = False
+    attention: str = "sdpa"
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
@@ -183,5 +187,6 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        _check(self.attention in ("sdpa", "eager"), f"attention must be sdpa or eager, got {self.attention!r}")
 
 

@@ -25,7 +25,7 @@ from properlm.model.proper import ProperModel, completion_nll
 from properlm.train.examples import Encoded, collate
 from properlm.train.loop import (Progress, RunLogger, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                  user_schedule)
-from properlm.train.population import autocast
+from properlm.train.precision import autocast, frozen_bf16
 
 
 @dataclass
@@ -99,48 +99,49 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_
     record = spec.constraint_weight > 0
     prog = Progress(len(steps), spec.stage, start, progress)
     pm.train()
-    for step in range(start, len(steps)):
-        rows = [(u, i) for u, idxs in steps[step] for i in idxs]
-        users = [u for u, _ in rows]
-        b = collate([enc[i] for _, i in rows], pad_id)
-        bound = pm.bind(emb_users=users if spec.train_embs else None, lora_users=users if spec.train_loras else None,
-                        requires_grad=True, token_mask=b["attention_mask"], record=record)
-        with autocast(bf16):
-            nll, ntok = completion_nll(pm.lm, b["input_ids"], b["attention_mask"], b["labels"])
-        per_user = {}
-        for r, u in enumerate(users):
-            s, n = per_user.get(u, (0.0, 0))
-            per_user[u] = (s + nll[r], n + int(ntok[r]))
-        user_losses = torch.stack([s / max(n, 1) for s, n in per_user.values()])  # (P,)
-        total = user_losses.sum()
-        cons = constraint_loss(pm.routing_vectors(), users) if record else torch.zeros(())
-        # The constraint is a shared-parameter term: scaled by P here so that after
-        # the 1/P rescale of shared grads it carries its configured weight.
-        (total + spec.constraint_weight * cons * len(per_user)).backward()
-        n_users = len(per_user)
-        if opt is not None:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(n_users)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for bank, rws, leaves in ((pm.user_embs, bound.emb_rows, bound.emb_leaves),
-                                  (pm.user_loras, bound.lora_rows, bound.lora_leaves)):
-            if leaves is not None:
-                bank.clip_grad_norm(leaves, max_grad_norm)
-                bank.adamw_step(rws, leaves, spec.user_lr, weight_decay=spec.weight_decay)
-        lm_loss = user_losses.mean().item()
-        tps = prog.update(lm_loss, int(b["attention_mask"].sum()))
-        logger.log(step + 1, loss=lm_loss, constraint=cons.item(), users=n_users, tokens_per_s=tps)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < len(steps):
-            tensors = {n: p for n, p in spec.shared.items()}
-            if pm.user_embs is not None and spec.train_embs:
-                tensors.update(pm.user_embs.state_tensors("emb.", optimizer=True))
-            if pm.user_loras is not None and spec.train_loras:
-                tensors.update(pm.user_loras.state_tensors("lora.", optimizer=True))
-            save_checkpoint(ckpt_root, step + 1, tensors,
-                            {"optimizer": opt.state_dict() if opt else None, "rng": rng_state()})
+    with frozen_bf16(pm.lm, bf16):  # the same numbers as autocast's per-call casts, without them
+        for step in range(start, len(steps)):
+            rows = [(u, i) for u, idxs in steps[step] for i in idxs]
+            users = [u for u, _ in rows]
+            b = collate([enc[i] for _, i in rows], pad_id)
+            bound = pm.bind(emb_users=users if spec.train_embs else None, lora_users=users if spec.train_loras else None,
+                            requires_grad=True, token_mask=b["attention_mask"], record=record)
+            with autocast(bf16):
+                nll, ntok = completion_nll(pm.lm, b["input_ids"], b["attention_mask"], b["labels"])
+            per_user = {}
+            for r, u in enumerate(users):
+                s, n = per_user.get(u, (0.0, 0))
+                per_user[u] = (s + nll[r], n + int(ntok[r]))
+            user_losses = torch.stack([s / max(n, 1) for s, n in per_user.values()])  # (P,)
+            total = user_losses.sum()
+            cons = constraint_loss(pm.routing_vectors(), users) if record else torch.zeros(())
+            # The constraint is a shared-parameter term: scaled by P here so that after
+            # the 1/P rescale of shared grads it carries its configured weight.
+            (total + spec.constraint_weight * cons * len(per_user)).backward()
+            n_users = len(per_user)
+            if opt is not None:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.div_(n_users)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for bank, rws, leaves in ((pm.user_embs, bound.emb_rows, bound.emb_leaves),
+                                      (pm.user_loras, bound.lora_rows, bound.lora_leaves)):
+                if leaves is not None:
+                    bank.clip_grad_norm(leaves, max_grad_norm)
+                    bank.adamw_step(rws, leaves, spec.user_lr, weight_decay=spec.weight_decay)
+            lm_loss = user_losses.mean().item()
+            tps = prog.update(lm_loss, int(b["attention_mask"].sum()))
+            logger.log(step + 1, loss=lm_loss, constraint=cons.item(), users=n_users, tokens_per_s=tps)
+            if (step + 1) % checkpoint_every == 0 and step + 1 < len(steps):
+                tensors = {n: p for n, p in spec.shared.items()}
+                if pm.user_embs is not None and spec.train_embs:
+                    tensors.update(pm.user_embs.state_tensors("emb.", optimizer=True))
+                if pm.user_loras is not None and spec.train_loras:
+                    tensors.update(pm.user_loras.state_tensors("lora.", optimizer=True))
+                save_checkpoint(ckpt_root, step + 1, tensors,
+                                {"optimizer": opt.state_dict() if opt else None, "rng": rng_state()})
     pm.state.clear()
     pm.eval()
     prog.close()

@@ -21,18 +21,13 @@ from properlm.io import atomic_dir
 from properlm.model.proper import completion_nll
 from properlm.train.config import RunConfig
 from properlm.train.examples import Example, collate, encode
+from properlm.train.precision import autocast, frozen_bf16
 from properlm.train.loop import (Progress, RunLogger, load_checkpoint, plain_schedule, rng_state, save_checkpoint,
                                  seed_everything, set_rng_state)
 
 STAGE = "population"
 # PEFT calls a transformers method that warns about its own rename; not ours to act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def autocast(enabled: bool):
-    """bf16 autocast on the CPU (or GPU) when asked, else a no-op context."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
 
 
 def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Example], resume: bool = False) -> Path:
@@ -73,20 +68,21 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
         logger.truncate_after(start)
     prog = Progress(len(steps), "stage 1 population", start, cfg.progress)
     model.train()
-    for step in range(start, len(steps)):
-        b = collate([enc[i] for i in steps[step]], tok.pad_token_id)
-        with autocast(cfg.bf16):
-            nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
-        loss = nll.sum() / ntok.sum().clamp(min=1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        tps = prog.update(loss.item(), int(b["attention_mask"].sum()))
-        logger.log(step + 1, loss=loss.item(), tokens_per_s=tps)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
-            save_checkpoint(ckpt_root, step + 1, dict(zip(names, params)),
-                            {"optimizer": opt.state_dict(), "rng": rng_state()})
+    with frozen_bf16(model, cfg.bf16):
+        for step in range(start, len(steps)):
+            b = collate([enc[i] for i in steps[step]], tok.pad_token_id)
+            with autocast(cfg.bf16):
+                nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+            loss = nll.sum() / ntok.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            tps = prog.update(loss.item(), int(b["attention_mask"].sum()))
+            logger.log(step + 1, loss=loss.item(), tokens_per_s=tps)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
+                save_checkpoint(ckpt_root, step + 1, dict(zip(names, params)),
+                                {"optimizer": opt.state_dict(), "rng": rng_state()})
     prog.close()
     logger.close()
     out = run_dir / STAGE

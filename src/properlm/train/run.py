@@ -101,7 +101,7 @@ def build_model(cfg: RunConfig, run_dir: Path, upto: str):
     the merged stage-1 model; ``"user"`` that plus the stage-2 experts; ``"done"``
     everything including the user LoRAs.
     """
-    lm, tok = load_base(cfg.base_model, seed=cfg.seed)
+    lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
     if upto == "population":
         return lm, tok
     pm = ProperModel(merge_population(lm, run_dir / "population"))

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from properlm.io import atomic_dir
 from properlm.train.group import save_group
+from properlm.model.layers import lora_dropout
 from properlm.model.proper import ProperModel
 from properlm.train.config import RunConfig
 from properlm.train.examples import Example, encode
@@ -54,7 +55,7 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     users = sorted({e.user_id for e in examples})
     pm.add_users(users, uc.r, uc.alpha, uc.lora_aware_router, seed=cfg.seed)
     for s in pm.sites.values():
-        s.dropout = torch.nn.Dropout(uc.dropout) if uc.dropout > 0 else torch.nn.Identity()
+        s.dropout = lora_dropout(uc.dropout)
     shared = {}
     if uc.lora_aware_router and train_router:
         shared = {n: p for n, p in pm.named_parameters() if ".router." in n}

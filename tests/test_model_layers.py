@@ -1,0 +1,63 @@
+"""The FFN layer pieces on their own: dropout mask, fused expert sum, autocast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from properlm.model.layers import GroupExperts, LoraDropout, ProperLinear, RoutingState
+
+
+def test_lora_dropout_drops_p_and_keeps_the_mean():
+    d = LoraDropout(0.05).train()
+    x = torch.ones(400, 1001)  # odd element count: the two-uniforms-per-draw split must cover every element
+    y = d(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.003
+    assert abs(y.mean().item() - 1.0) < 0.005
+    values = torch.unique(y).tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - 0.05), rel=1e-4)
+
+
+def test_lora_dropout_is_seeded_identity_in_eval_and_masks_gradients():
+    d = LoraDropout(0.3).train()
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    torch.manual_seed(0)
+    a = d(x)
+    torch.manual_seed(0)
+    b = d(x)
+    assert torch.equal(a, b)
+    a.sum().backward()
+    assert torch.equal(x.grad == 0, a == 0)  # no gradient through dropped entries
+    assert torch.equal(d.eval()(x), x)
+    with pytest.raises(ValueError):
+        LoraDropout(1.0)
+
+
+def test_experts_sum_into_out_equals_the_plain_sum():
+    torch.manual_seed(0)
+    ex = GroupExperts(12, 10, num_experts=3, r=2, alpha=4)
+    torch.nn.init.normal_(ex.lora_B)
+    x = torch.randn(2, 5, 12)
+    gates = torch.softmax(torch.randn(2, 5, 3), -1)
+    out = torch.randn(2, 5, 10)
+    ref = out + sum(gates[..., k:k + 1] * ex.scaling * (x @ ex.lora_A[2 * k:2 * k + 2].T @ ex.lora_B[:, 2 * k:2 * k + 2].T)
+                    for k in range(3))
+    torch.testing.assert_close(ex(x, gates, out=out), ref)
+    torch.testing.assert_close(ex(x, gates), ref - out)
+
+
+def test_autocast_path_matches_fp32_within_bf16_error():
+    torch.manual_seed(0)
+    state = RoutingState()
+    lin = ProperLinear(torch.nn.Linear(16, 24, bias=False), "s", state)
+    lin.add_experts(3, 2, 4, "lora-aware", 2)
+    torch.nn.init.normal_(lin.experts.lora_B)
+    a, b = torch.randn(2, 2, 16), torch.randn(2, 24, 2)
+    state.user_lora["s"] = (a, b)
+    x = torch.randn(2, 5, 16)
+    ref = lin(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
