@@ -117,6 +117,7 @@ COMMANDS: dict[str, Register | str] = {
     "users": "properlm.train.commands:register_users",
     "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
     "demo": "properlm.demo:register",
+    "experiments": "properlm.experiments:register",
 }
 
 

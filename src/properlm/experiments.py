@@ -1,0 +1,137 @@
+"""The paper's experiment grid on one config: ``properlm experiments``.
+
+    properlm experiments --out runs/paper                      # configs/demo.yaml, every variant
+    properlm experiments --out runs/paper --only main,ablations --config configs/movielens.yaml
+
+One run directory per variant under ``--out``, then one report over all of them
+(``OUT/report/``: Table 1, Table 2, Table 3, the expert-count sweep, the
+efficiency table and the figures; see docs/evaluation.md):
+
+==================  ===============================================  ===================  ==========
+variant             overrides on the config                          stages reused        report
+==================  ===============================================  ===================  ==========
+main                (none)                                           -                    Table 1
+low-resource        ``data.split=low-resource``                      -                    Table 2
+text-router         ``group.router=text``                            population           Table 3
+no-constraint       ``group.constraint_weight=0``                    population           Table 3
+loramoe             both of the above (plain LoRAMoE)                population           Table 3, density figure
+no-lora-router      ``user.lora_aware_router=false``                 population, group    Table 3
+end-to-end          ``user.end_to_end=true``                         population           Table 3
+experts-2/-8        ``group.num_experts=2`` / ``8``                  population           expert sweep
+==================  ===============================================  ===================  ==========
+
+A variant that changes only later stages starts from a copy of the main run's
+earlier stages (same data, split and settings, so the same weights), which
+saves most of its cost. Everything resumes: finished stages are skipped,
+evaluated methods are not evaluated again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from properlm.errors import ConfigError
+
+#: name -> (config overrides, stages copied from the main run, methods evaluated)
+_FINAL = ("proper",)
+VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "main": ((), (), ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")),
+    "low-resource": (("data.split=low-resource",), (), ("stage1", "stage2", "proper", "rag", "oppu-mlp")),
+    "text-router": (("group.router=text",), ("population",), _FINAL),
+    "no-constraint": (("group.constraint_weight=0",), ("population",), _FINAL),
+    "loramoe": (("group.router=text", "group.constraint_weight=0"), ("population",), _FINAL),
+    "no-lora-router": (("user.lora_aware_router=false",), ("population", "group"), _FINAL),
+    "end-to-end": (("user.end_to_end=true",), ("population",), _FINAL),
+    "experts-2": (("group.num_experts=2",), ("population",), _FINAL),
+    "experts-8": (("group.num_experts=8",), ("population",), _FINAL),
+}
+#: groups of variants accepted by ``--only``
+GROUPS = {"ablations": ("text-router", "no-constraint", "loramoe", "no-lora-router", "end-to-end"),
+          "experts": ("experts-2", "experts-8")}
+
+
+def select(only: str | None) -> list[str]:
+    """Variant names from a comma-separated list of variants and groups (None: all), main first."""
+    if not only:
+        return list(VARIANTS)
+    names: list[str] = []
+    for part in (p.strip() for p in only.split(",") if p.strip()):
+        if part in GROUPS:
+            names += GROUPS[part]
+        elif part in VARIANTS:
+            names.append(part)
+        else:
+            raise ConfigError(f"--only: unknown variant {part!r}; choose from {', '.join([*VARIANTS, *GROUPS])}")
+    names = list(dict.fromkeys(names))
+    if any(VARIANTS[n][1] for n in names) and "main" not in names:
+        names.insert(0, "main")  # the others reuse its stages and are compared against it
+    return sorted(names, key=list(VARIANTS).index)
+
+
+def run_experiments(out: str | Path, config: str | Path | None = None, overrides: list[str] = (),
+                    only: str | None = None, log=print) -> dict:
+    """Train and evaluate each selected variant into ``out/<variant>``, then report over all of them.
+
+    Returns the report summary (see :func:`properlm.evaluate.report.report`) with
+    ``"seconds"``: wall seconds per variant (training + evaluation, this call).
+    """
+    from properlm.config import load_config
+    from properlm.demo import default_config
+    from properlm.evaluate.evaluate import evaluate_run
+    from properlm.evaluate.report import report
+    from properlm.io import read_json
+    from properlm.train.config import RunConfig
+    from properlm.train.run import train
+
+    out = Path(out)
+    names = select(only)
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(names, 1):
+        extra, reuse, methods = VARIANTS[name]
+        cfg = load_config(RunConfig, config or default_config(), [*overrides, *extra])
+        run_dir = out / name
+        log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}")
+        t0 = time.time()
+        for stage in reuse:
+            if not (run_dir / stage).exists():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(out / "main" / stage, run_dir / stage)
+        train(cfg, run_dir, resume=True)
+        summary = run_dir / "eval" / "summary.json"
+        done = set(read_json(summary)["methods"]) if summary.exists() else set()
+        todo = [m for m in methods if m not in done]
+        if todo:
+            evaluate_run(run_dir, methods=todo, progress=cfg.progress)
+        seconds[name] = round(time.time() - t0, 1)
+        log(f"    {name} done in {seconds[name]:.0f} s")
+    log(f"report over {len(names)} run(s) -> {out / 'report'}")
+    summary = report([out / n for n in names], out / "report")
+    return {**summary, "seconds": seconds}
+
+
+def cmd_experiments(args) -> int:
+    from properlm.evaluate.report import markdown_table
+
+    res = run_experiments(args.out, args.config, args.overrides, args.only)
+    for t in res["tables"].values():
+        print(f"\n{t['title']}\n")
+        print(markdown_table(t))
+    print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``properlm experiments``."""
+    p = subparsers.add_parser(
+        "experiments", help="the paper's grid: main run, low-resource split, ablations, expert sweep, one report",
+        description="Train and evaluate the main run and its variants (" + ", ".join(VARIANTS) + ") under --out, "
+                    "reusing the main run's earlier stages where a variant changes only later ones, then write "
+                    "Tables 1-3, the expert sweep, the efficiency table and the figures to OUT/report. Resumable.")
+    p.add_argument("--out", required=True, help="directory for the variants' runs and the report")
+    p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated variants or groups (ablations, experts); main is added when needed")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
+    p.set_defaults(func=cmd_experiments)
