@@ -61,3 +61,23 @@ def test_autocast_path_matches_fp32_within_bf16_error():
         y = lin(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_zero_text_router_init_routes_uniformly_until_users_differ(fresh_lm, tok):
+    from properlm.model.proper import ProperModel
+
+    pm = ProperModel(fresh_lm())
+    pm.add_group(3, 2, 4, 0.0, "user-aware", 4, ["a", "b"], text_router_init="zeros")
+    assert all(float(s.router.w_text.weight.abs().sum()) == 0 for s in pm.sites.values())
+    ids = tok(["hello there", "another text"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        pm.user_embs.params["layers.0.mlp.up_proj.user_emb"].zero_()
+        pm.user_embs.params["layers.0.mlp.up_proj.user_emb"][1] = 3.0
+        pm.bind(emb_users=["a", "b"], token_mask=ids["attention_mask"], record=True)
+        pm.hidden_states(ids["input_ids"], ids["attention_mask"])
+    routes = torch.stack(pm.state.routes)                 # (sites, B, K)
+    up0 = list(pm.sites).index("layers.0.mlp.up_proj")
+    torch.testing.assert_close(routes[up0, 0], torch.full((3,), 1 / 3))   # zero embedding: uniform
+    assert not torch.allclose(routes[up0, 1], torch.full((3,), 1 / 3))   # the user's embedding moves it
+    with pytest.raises(ValueError):
+        pm.add_group(3, 2, 4, 0.0, "user-aware", 4, ["a"], text_router_init="ones")

@@ -146,3 +146,17 @@ def test_batched_users_equal_one_at_a_time(group_model, tok, h, tmp_path, lora_a
         for what, tol in (("params", 2e-5), ("exp_avg", 1e-6), ("exp_avg_sq", 1e-9)):
             a, b = getattr(together, what)[k], getattr(alone, what)[k]
             torch.testing.assert_close(a, b, atol=tol, rtol=1e-4, msg=lambda m: f"{what} {k}: {m}")
+
+
+def test_constraint_ramp_goes_linearly_from_zero_to_full():
+    from properlm.train.multiuser import constraint_ramp
+
+    assert [constraint_ramp(s, 10, 0.5) for s in range(7)] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert constraint_ramp(0, 10, 0.0) == 1.0
+
+
+def test_constraint_warmup_and_router_init_are_checked(h):
+    with pytest.raises(ValueError, match="constraint_warmup"):
+        h.small_cfg(group=dict(constraint_warmup=1.5))
+    with pytest.raises(ValueError, match="text_router_init"):
+        h.small_cfg(group=dict(text_router_init="ones"))

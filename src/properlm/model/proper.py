@@ -87,14 +87,23 @@ class ProperModel(nn.Module):
 
     # -- building the stages -------------------------------------------------------
     def add_group(self, num_experts: int, r: int, alpha: float, dropout: float, router: str,
-                  user_dim: int, train_users: list[str], seed: int = 0) -> None:
-        """Stage 2: K experts and a router on every site; embeddings for ``train_users``."""
+                  user_dim: int, train_users: list[str], seed: int = 0, text_router_init: str = "kaiming") -> None:
+        """Stage 2: K experts and a router on every site; embeddings for ``train_users``.
+
+        ``text_router_init="zeros"`` starts the routers' text part at zero, so that
+        routing starts uniform over experts and, with the user-aware router, differs
+        between users only through their embeddings.
+        """
+        if text_router_init not in ("kaiming", "zeros"):
+            raise ValueError(f"text_router_init must be kaiming or zeros, got {text_router_init!r}")
         g = torch.random.fork_rng()
         with g:
             torch.manual_seed(seed)
             for s in self.sites.values():
                 s.dropout = lora_dropout(dropout)
                 s.add_experts(num_experts, r, alpha, router, user_dim)
+                if text_router_init == "zeros":
+                    nn.init.zeros_(s.router.w_text.weight)
                 _freeze(s.experts, s.router)
         if router == "user-aware":
             shapes = {f"{name}.user_emb": (user_dim,) for name in self.sites}

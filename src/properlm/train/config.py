@@ -91,7 +91,13 @@ class GroupConfig:
         r, alpha, dropout: expert LoRA shape (paper 4, 8, 0.05).
         router: "user-aware" (paper) or "text" (the regular-router ablation).
         user_dim: width of the learned user embeddings.
+        text_router_init: "kaiming" (nn.Linear's default) or "zeros": the routers'
+            text part starts at zero, so routing starts uniform and user-independent
+            text features do not decide the first expert assignments.
         constraint_weight: weight of the cross-user routing cosine loss (0 = ablation w/o it).
+        constraint_warmup: share of stage 2's steps over which that weight ramps up
+            linearly from 0, so the experts can specialise on the language-model
+            loss before the constraint spreads users apart (0: full weight at once).
         lr: AdamW learning rate (paper 2e-4).
         user_lr: learning rate of the user embeddings (None: ``lr``); each
             embedding sees only its user's steps, so it may want a larger one.
@@ -106,7 +112,9 @@ class GroupConfig:
     dropout: float = 0.05
     router: str = "user-aware"
     user_dim: int = 32
+    text_router_init: str = "kaiming"
     constraint_weight: float = 0.1
+    constraint_warmup: float = 0.0
     lr: float = 2e-4
     user_lr: float | None = None
     users_per_step: int = 4
@@ -118,6 +126,9 @@ class GroupConfig:
         _check(self.num_experts >= 1, "group.num_experts must be >= 1")
         _check(self.router in ("user-aware", "text"), f"group.router must be user-aware or text, got {self.router!r}")
         _check(self.constraint_weight >= 0, "group.constraint_weight must be >= 0")
+        _check(self.text_router_init in ("kaiming", "zeros"),
+               f"group.text_router_init must be kaiming or zeros, got {self.text_router_init!r}")
+        _check(0 <= self.constraint_warmup <= 1, "group.constraint_warmup must be in [0, 1]")
 
 
 @dataclass

@@ -60,14 +60,15 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     gc = cfg.group
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
-    pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, gc.router, gc.user_dim, users, seed=cfg.seed)
+    pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, gc.router, gc.user_dim, users, seed=cfg.seed,
+                 text_router_init=gc.text_router_init)
     shared = {n: p for n, p in pm.named_parameters() if ".experts." in n or ".router." in n}
     for p in shared.values():
         p.requires_grad_(True)
     spec = MultiUserSpec(STAGE, shared, gc.lr, train_embs=gc.router == "user-aware", train_loras=False,
                          user_lr=gc.user_lr if gc.user_lr is not None else gc.lr, weight_decay=0.0, constraint_weight=gc.constraint_weight,
                          per_user_batch=gc.per_user_batch, users_per_step=gc.users_per_step,
-                         epochs=gc.epochs, max_steps=gc.max_steps)
+                         epochs=gc.epochs, max_steps=gc.max_steps, constraint_warmup=gc.constraint_warmup)
     enc = [encode(tok, e, cfg.data.max_len) for e in examples]
     run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
                   cfg.bf16, cfg.progress, resume)

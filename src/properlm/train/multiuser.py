@@ -41,6 +41,8 @@ class MultiUserSpec:
         user_lr: learning rate of the banks.
         weight_decay: AdamW weight decay of the banks.
         constraint_weight: weight of the cross-user routing cosine loss.
+        constraint_warmup: share of the steps over which that weight ramps up
+            linearly from 0 (0: the full weight from the first step).
         per_user_batch, users_per_step, epochs, max_steps: the schedule.
     """
 
@@ -56,6 +58,7 @@ class MultiUserSpec:
     users_per_step: int
     epochs: int
     max_steps: int | None
+    constraint_warmup: float = 0.0
 
 
 def constraint_loss(routes: torch.Tensor, users: list[str]) -> torch.Tensor:
@@ -67,6 +70,12 @@ def constraint_loss(routes: torch.Tensor, users: list[str]) -> torch.Tensor:
         return routes.new_zeros(())
     r = F.normalize(routes, dim=-1)
     return (r @ r.T)[diff].mean()
+
+
+def constraint_ramp(step: int, n_steps: int, warmup: float) -> float:
+    """Factor on the constraint weight at 0-based ``step``: linear from 0 to 1 over ``warmup * n_steps`` steps."""
+    ramp = warmup * n_steps
+    return 1.0 if ramp <= 0 else min(1.0, step / ramp)
 
 
 def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_id: int, run_dir: Path,
@@ -117,7 +126,8 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_
             cons = constraint_loss(pm.routing_vectors(), users) if record else torch.zeros(())
             # The constraint is a shared-parameter term: scaled by P here so that after
             # the 1/P rescale of shared grads it carries its configured weight.
-            (total + spec.constraint_weight * cons * len(per_user)).backward()
+            cw = spec.constraint_weight * constraint_ramp(step, len(steps), spec.constraint_warmup)
+            (total + cw * cons * len(per_user)).backward()
             n_users = len(per_user)
             if opt is not None:
                 for p in params:

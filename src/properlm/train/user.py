@@ -95,7 +95,8 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
     gc, uc = cfg.group, cfg.user
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
-    pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, "user-aware", gc.user_dim, users, seed=cfg.seed)
+    pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, "user-aware", gc.user_dim, users, seed=cfg.seed,
+                 text_router_init=gc.text_router_init)
     pm.add_users(users, uc.r, uc.alpha, lora_aware_router=False, seed=cfg.seed)
     shared = {n: p for n, p in pm.named_parameters() if ".experts." in n or ".router." in n}
     for p in shared.values():
@@ -103,7 +104,7 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
     spec = MultiUserSpec(STAGE, shared, gc.lr, train_embs=True, train_loras=True, user_lr=uc.lr,
                          weight_decay=uc.weight_decay, constraint_weight=gc.constraint_weight,
                          per_user_batch=uc.per_user_batch, users_per_step=uc.users_per_step,
-                         epochs=uc.epochs, max_steps=uc.max_steps)
+                         epochs=uc.epochs, max_steps=uc.max_steps, constraint_warmup=gc.constraint_warmup)
     enc = [encode(tok, e, cfg.data.max_len) for e in examples]
     run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
                   cfg.bf16, cfg.progress, resume)
