@@ -156,7 +156,7 @@ def test_report_tables_and_figures_from_real_runs(run, tmp_path):
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["variant"] for r in data["tables"]["table3"]["rows"]] == ["PROPER (full)",
                                                                         "w/ text router + no constraint loss"]
-    assert -1.0 <= data["routing_ari"] <= 1.0
+    assert -1.0 <= data["routing_ari"] <= 1.0 and -1.0 <= data["routing_ari_per_site"] <= 1.0
     assert "![tsne](tsne.png)" in (tmp_path / "rep" / "report.md").read_text()
 
 
@@ -167,6 +167,22 @@ def test_routing_ari_is_one_for_a_perfect_partition(run, monkeypatch):
     assert len(set(u.group for u in users)) > 1
     monkeypatch.setattr(figures, "user_routing", lambda run_dir: (ids, one_hot))
     assert figures.routing_ari(run.main) == pytest.approx(1.0)
+
+
+def test_per_site_ari_sees_a_partition_that_the_site_average_blurs(run, monkeypatch):
+    """Two sites, each putting every group on its own expert but with its own expert labels:
+    the per-site weights recover the groups; averaged over sites, groups g and K-1-g coincide."""
+    _, _, users = figures._routed_users(run.main)
+    ids, groups = [u.id for u in users], [u.group for u in users]
+    k = 5
+    assert len(set(groups)) > 2
+    site_a = np.eye(k)[groups]                            # group g -> expert g
+    site_b = np.eye(k)[[k - 1 - g for g in groups]]       # group g -> expert K-1-g
+    w = np.stack([site_a, site_b], 1)                     # (U, sites, K)
+    monkeypatch.setattr(figures, "user_routing_sites", lambda *a, **kw: (ids, w))
+    monkeypatch.setattr(figures, "user_routing", lambda *a, **kw: (ids, w.mean(1)))
+    assert figures.routing_ari(run.main, per_site=True) == pytest.approx(1.0)
+    assert figures.routing_ari(run.main) < 0.99
 
 
 def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monkeypatch):

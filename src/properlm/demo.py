@@ -47,7 +47,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
         print("\nTable 1 (target users' held-out queries)\n")
         print(markdown_table(table))
     if summary.get("routing_ari") is not None:
-        print(f"\nRouting vs planted groups: adjusted Rand index {summary['routing_ari']:.3f}")
+        print(f"\nRouting vs planted groups: adjusted Rand index {summary['routing_ari']:.3f} "
+              f"(expert weights averaged over sites), {summary['routing_ari_per_site']:.3f} (per site)")
     print(f"\ntimes: training {t1 - t0:.0f} s, evaluation {t2 - t1:.0f} s, total {time.time() - t0:.0f} s")
     print(f"report: {out / 'report' / 'report.md'}")
     return summary

@@ -54,8 +54,18 @@ def _routed_users(run_dir: Path):
 
 
 def user_routing(run_dir: str | Path, max_examples: int = 8, batch_size: int = 32) -> tuple[list[str], np.ndarray]:
-    """Mean stage-2 expert weights of the users with a learned embedding (the training users; all
-    training users with a text router).
+    """Mean stage-2 expert weights of the users, averaged over the adapted sites: ``(ids, (U, K))``.
+
+    See :func:`user_routing_sites` for the users and arguments.
+    """
+    ids, w = user_routing_sites(run_dir, max_examples, batch_size)
+    return ids, w.mean(1)
+
+
+def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: int = 32
+                       ) -> tuple[list[str], np.ndarray]:
+    """Mean stage-2 expert weights per adapted site of the users with a learned embedding (the
+    training users; all training users with a text router): ``(ids, (U, sites, K))``.
 
     Args:
         run_dir: a run with stage 2 trained.
@@ -63,7 +73,7 @@ def user_routing(run_dir: str | Path, max_examples: int = 8, batch_size: int = 3
         batch_size: rows per forward pass (rows of many users together).
 
     Returns:
-        ``(user ids, weights (U, K))``; each row sums to 1.
+        ``(user ids, weights (U, sites, K))``; each site's K weights sum to 1.
     """
     import torch
 
@@ -93,7 +103,7 @@ def user_routing(run_dir: str | Path, max_examples: int = 8, batch_size: int = 3
             pm.bind(emb_users=[u if embs is not None and u in embs.user_ids else None for u in ids],
                     token_mask=b["attention_mask"], record=True)
             pm.hidden_states(b["input_ids"], b["attention_mask"])
-            routes = pm.routing_vectors()                                 # (B, K)
+            routes = torch.stack(pm.state.routes, 1)                      # (B, sites, K)
             for uid, r in zip(ids, routes):
                 sums[uid] = sums.get(uid, 0) + r
                 counts[uid] = counts.get(uid, 0) + 1
@@ -125,12 +135,16 @@ def _kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
-def routing_ari(run_dir: str | Path, seed: int = 0) -> float:
+def routing_ari(run_dir: str | Path, seed: int = 0, per_site: bool = False) -> float:
     """Adjusted Rand index between users clustered by mean expert weights and their planted groups.
 
     The users with stage-2 embeddings (the training users; with a text router,
     the training users all the same) are clustered with KMeans into as many
-    clusters as there are true groups among them.
+    clusters as there are true groups among them. ``per_site=False`` clusters
+    the weights averaged over all adapted sites (K numbers per user);
+    ``per_site=True`` the concatenated per-site weights (sites x K numbers):
+    expert k of one layer has nothing to do with expert k of another, so the
+    average over sites can blur a partition that every site shows.
 
     Raises:
         ProperError: stage 2 missing, or the data has no planted groups (only synthetic data does).
@@ -141,7 +155,11 @@ def routing_ari(run_dir: str | Path, seed: int = 0) -> float:
     truth = {u.id: u.group for u in users if u.group is not None}
     if not truth:
         raise ProperError(f"{run_dir}: the run's users have no planted groups (generate synthetic data to check routing)")
-    ids, w = user_routing(run_dir)
+    if per_site:
+        ids, w = user_routing_sites(run_dir)
+        w = w.reshape(len(ids), -1)
+    else:
+        ids, w = user_routing(run_dir)
     keep = [i for i, u in enumerate(ids) if u in truth]
     labels = [truth[ids[i]] for i in keep]
     pred = _kmeans(w[keep], len(set(labels)), seed)
@@ -223,7 +241,7 @@ def _save(fig, out_path: str | Path) -> Path:
 
 
 def make_figures(main: dict, plain: dict | None, out_dir: str | Path, prefix: str = ""
-                 ) -> tuple[dict[str, Path], float | None]:
+                 ) -> tuple[dict[str, Path], dict[str, float] | None]:
     """All figures for one task's main run (and a plain LoRAMoE run), plus the routing ARI.
 
     Args:
@@ -233,7 +251,8 @@ def make_figures(main: dict, plain: dict | None, out_dir: str | Path, prefix: st
         prefix: file name prefix (the task, when a report covers several).
 
     Returns:
-        ``({figure name: path}, ARI or None)``; figures needing a missing stage are skipped.
+        ``({figure name: path}, {"site_mean": ARI, "per_site": ARI} or None)`` (see
+        :func:`routing_ari`); figures needing a missing stage are skipped.
     """
     out, figs, ari = Path(out_dir), {}, None
     figs["score_vs_history"] = plot_score_vs_history(main, out / f"{prefix}score_vs_history.png")
@@ -247,7 +266,7 @@ def make_figures(main: dict, plain: dict | None, out_dir: str | Path, prefix: st
         runs["LoRAMoE (text router, no constraint)"] = Path(plain["run_dir"])
     figs["expert_density"] = plot_expert_density(runs, out / f"{prefix}expert_density.png")
     try:
-        ari = routing_ari(run)
+        ari = {"site_mean": routing_ari(run), "per_site": routing_ari(run, per_site=True)}
     except ProperError:
         ari = None  # real data: no planted groups to compare with
     return figs, ari

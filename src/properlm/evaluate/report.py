@@ -286,6 +286,7 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
 
     Returns:
         ``{"tables": {name: table}, "figures": {name: path}, "routing_ari": float | None,
+        "routing_ari_per_site": float | None,
         "files": [paths written]}``.
     """
     from properlm.evaluate.figures import make_figures
@@ -316,10 +317,14 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
         md += [f"## {t['title']}", "", markdown_table(t), ""]
     if ari is not None:
         md += ["## Routing vs planted groups", "",
-               f"Adjusted Rand index between users clustered by mean expert weights and their true groups: {ari:.4f}", ""]
+               "Adjusted Rand index between the training users clustered (KMeans) by their mean stage-2 expert "
+               f"weights and their true groups: {ari['site_mean']:.4f} with the weights averaged over the adapted "
+               f"sites, {ari['per_site']:.4f} with each site's weights kept apart (1 = the same partition, 0 = chance).",
+               ""]
     md += [f"![{name}]({Path(p).name})\n" for name, p in figs.items()]
     write_text(out / "report.md", "\n".join(md) + "\n")
-    summary = {"runs": [r["run_dir"] for r in results], "tables": tables, "routing_ari": ari,
+    summary = {"runs": [r["run_dir"] for r in results], "tables": tables,
+               "routing_ari": ari["site_mean"] if ari else None, "routing_ari_per_site": ari["per_site"] if ari else None,
                "figures": {k: str(v) for k, v in figs.items()}}
     write_json(out / "report.json", summary)
     files += [out / "report.md", out / "report.json"]
