@@ -80,7 +80,6 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     from properlm.config import load_config
     from properlm.demo import default_config
     from properlm.evaluate.evaluate import evaluate_run
-    from properlm.evaluate.report import report
     from properlm.io import read_json
     from properlm.train.config import RunConfig
     from properlm.train.run import train
@@ -107,6 +106,8 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
         seconds[name] = round(time.time() - t0, 1)
         log(f"    {name} done in {seconds[name]:.0f} s")
     log(f"report over {len(names)} run(s) -> {out / 'report'}")
+    from properlm.evaluate.report import report  # imported here: a grid runs for an hour
+
     summary = report([out / n for n in names], out / "report")
     return {**summary, "seconds": seconds}
 
