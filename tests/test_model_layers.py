@@ -8,15 +8,28 @@ import torch
 from properlm.model.layers import GroupExperts, LoraDropout, ProperLinear, RoutingState
 
 
-def test_lora_dropout_drops_p_and_keeps_the_mean():
-    d = LoraDropout(0.05).train()
-    x = torch.ones(400, 1001)  # odd element count: the two-uniforms-per-draw split must cover every element
+@pytest.mark.parametrize("p,bits", [(0.05, 8), (0.1, 8), (0.01, 16), (0.3, 8)])
+def test_lora_dropout_drops_p_and_keeps_the_mean(p, bits):
+    d = LoraDropout(p).train()
+    assert d.bits == bits and abs(d.p_used - p) <= 0.02 * p
+    x = torch.ones(400, 1001)  # odd element count: the uniforms-per-draw split must cover every element
     y = d(x)
     dropped = (y == 0).float().mean().item()
-    assert abs(dropped - 0.05) < 0.003
+    assert abs(dropped - d.p_used) < 4 * (p * (1 - p) / x.numel()) ** 0.5 + 1e-4, (dropped, d.p_used)
     assert abs(y.mean().item() - 1.0) < 0.005
     values = torch.unique(y).tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - 0.05), rel=1e-4)
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - d.p_used), rel=1e-6)
+
+
+def test_lora_dropout_masks_are_independent_across_positions():
+    """Neighbouring elements come from the bytes of one draw: they must not be correlated."""
+    d = LoraDropout(0.3).train()
+    keep = (d(torch.ones(200_000)) != 0).float()
+    a, b = keep[:-1], keep[1:]
+    corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    assert abs(corr.item()) < 0.01
+    q = (keep.view(-1, 4) != 0).float().mean(0)  # each byte position of a draw drops at the same rate
+    assert (q - keep.mean()).abs().max() < 0.01
 
 
 def test_lora_dropout_is_seeded_identity_in_eval_and_masks_gradients():
@@ -81,3 +94,37 @@ def test_zero_text_router_init_routes_uniformly_until_users_differ(fresh_lm, tok
     assert not torch.allclose(routes[up0, 1], torch.full((3,), 1 / 3))   # the user's embedding moves it
     with pytest.raises(ValueError):
         pm.add_group(3, 2, 4, 0.0, "user-aware", 4, ["a"], text_router_init="ones")
+
+
+def test_shared_user_embedding_is_one_vector_read_by_every_site(fresh_lm, tok):
+    from properlm.model.proper import ProperModel
+
+    pm = ProperModel(fresh_lm())
+    pm.add_group(3, 2, 4, 0.0, "user-aware", 4, ["a", "b"], text_router_init="zeros", user_embedding="shared")
+    assert list(pm.user_embs.params) == ["user_emb"]
+    ids = tok(["hello there", "hello there"], return_tensors="pt", padding=True)
+
+    def routes():
+        with torch.no_grad():
+            pm.bind(emb_users=["a", "b"], token_mask=ids["attention_mask"], record=True)
+            pm.hidden_states(ids["input_ids"], ids["attention_mask"])
+        return torch.stack(pm.state.routes)               # (sites, B, K)
+
+    with torch.no_grad():
+        pm.user_embs.params["user_emb"].zero_()
+    torch.testing.assert_close(routes(), torch.full((len(pm.sites), 2, 3), 1 / 3))
+    with torch.no_grad():
+        pm.user_embs.params["user_emb"][1] = 3.0              # user b moves: every site's routing of b changes
+    r = routes()
+    torch.testing.assert_close(r[:, 0], torch.full((len(pm.sites), 3), 1 / 3))
+    assert all(not torch.allclose(r[s, 1], torch.full((3,), 1 / 3)) for s in range(len(pm.sites)))
+    # and the gradient of every site reaches the one embedding (experts made non-zero, so routing matters)
+    with torch.no_grad():
+        for site in pm.sites.values():
+            torch.nn.init.normal_(site.experts.lora_B)
+    bound = pm.bind(emb_users=["a", "b"], requires_grad=True)
+    pm.hidden_states(ids["input_ids"], ids["attention_mask"]).sum().backward()
+    g = bound.emb_leaves["user_emb"].grad
+    assert g is not None and g.abs().sum() > 0
+    with pytest.raises(ValueError):
+        pm.add_group(3, 2, 4, 0.0, "user-aware", 4, ["a"], user_embedding="per-layer")

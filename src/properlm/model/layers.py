@@ -92,9 +92,12 @@ class LoraDropout(nn.Module):
 
     ``nn.Dropout`` draws one ``bernoulli_`` sample per element, single-threaded on
     CPU; with dropout on every FFN linear that was ~13% of a stage-3 step
-    (benchmarks/levers.py). Here each 30-bit integer draw gives two independent
-    15-bit uniforms, so p is used rounded to a multiple of 1/32768 (0.05 ->
-    0.04999), and the survivors are scaled by the exact 1/(1-p) of that rounded p.
+    (benchmarks/levers.py). Here each 32-bit integer draw is read as four 8-bit
+    uniforms (or two 16-bit ones), so the generator is called once per four (two)
+    elements and no bit arithmetic is needed. p is used rounded to the uniforms'
+    grid: 8-bit when that moves p by at most 2% of itself (0.05 -> 13/256 =
+    0.0508, 0.1 -> 0.1016), else 16-bit (0.01 -> 655/65536 = 0.009995). The
+    survivors are scaled by the exact 1/(1-p) of the rounded p (``p_used``).
     The draws come from torch's global generator: seeded runs stay deterministic.
     """
 
@@ -103,23 +106,25 @@ class LoraDropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {p}")
         self.p = p
-        self.threshold = round(p * 32768)                 # drop where the 15-bit uniform < threshold
-        self.scale = 1.0 / (1.0 - self.threshold / 32768)
+        self.bits = 8 if p == 0 or abs(round(p * 256) / 256 - p) <= 0.02 * p else 16
+        levels = 1 << self.bits
+        self.threshold = round(p * levels)                 # drop where the uniform < threshold
+        self.p_used = self.threshold / levels
+        self.scale = 1.0 / (1.0 - self.p_used)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        n = x.numel()
-        half = (n + 1) // 2
-        bits = torch.randint(0, 1 << 30, (half,), dtype=torch.int32, device=x.device)
-        keep = torch.empty(2, half, dtype=torch.bool, device=x.device)
-        torch.ge(bits & 0x7FFF, self.threshold, out=keep[0])
-        torch.ge(bits >> 15, self.threshold, out=keep[1])
-        keep = keep.view(-1)[:n].view(x.shape)
+        n, per = x.numel(), 32 // self.bits
+        draws = torch.empty((n + per - 1) // per, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
+        if self.bits == 8:
+            keep = draws.view(torch.uint8)[:n].view(x.shape) >= self.threshold
+        else:  # int16 is signed: the uniform u in [0, 65536) is stored as u - 32768
+            keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
         return torch.where(keep, x * self.scale, 0.0)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p} (used: {self.p_used:.6g}, {self.bits}-bit uniforms)"
 
 
 def lora_dropout(p: float) -> nn.Module:
