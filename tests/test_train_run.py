@@ -98,6 +98,33 @@ def test_saved_run_reproduces_the_trained_model(reference, tok, h):
                                atol=1e-6, rtol=0)
 
 
+def test_saved_shared_embedding_run_reproduces_stage_2(reference, tok, h, tmp_path):
+    """``group.user_embedding: shared``: one embedding per user on disk, and the reloaded stage 2 routes the same."""
+    _, ref_dir, _ = reference
+    cfg = h.small_cfg(checkpoint_every=2, data=dict(split="oppu"), population=dict(max_steps=6, dropout=0.05),
+                      group=dict(max_steps=6, dropout=0.05, user_embedding="shared"))
+    shutil.copytree(ref_dir / "population", tmp_path / "population")
+    models = {}
+    orig = run_mod.train_group
+
+    def capture(cfg, run_dir, pm, *a, **kw):
+        out = orig(cfg, run_dir, pm, *a, **kw)
+        models["group"] = pm
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "train_group", capture)
+        train(cfg, tmp_path, stages=["group"])
+    assert list(load_file(str(tmp_path / "group" / "user_embeddings.safetensors"))) == ["user_emb"]
+    loaded, _ = build_model(cfg, tmp_path, "user")
+    loaded.eval()
+    trainers = json.loads((tmp_path / "split.json").read_text())["train"]
+    mixed = [trainers[0], None, trainers[2]]
+    got, want = _logits(loaded, tok, h, mixed, emb=True), _logits(models["group"], tok, h, mixed, emb=True)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert (_logits(loaded, tok, h, [trainers[0]], emb=True) - _logits(loaded, tok, h, [trainers[2]], emb=True)).abs().max() > 0
+
+
 def test_saved_run_without_lora_aware_router(reference, tok, h, tmp_path):
     """The ablation: user LoRAs on top of stage-2 routing (fallback embedding), reloaded from disk."""
     _, ref_dir, _ = reference

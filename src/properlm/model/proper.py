@@ -26,6 +26,7 @@ from properlm.model.user_params import UserParams
 
 FFN_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTN_KV_TARGETS = ("self_attn.k_proj", "self_attn.v_proj")
+EMBEDDINGS = ("per-site", "shared")
 
 
 @dataclass
@@ -84,18 +85,30 @@ class ProperModel(nn.Module):
                 self.sites[site] = wrapped
         self.user_embs: UserParams | None = None
         self.user_loras: UserParams | None = None
+        self.shared_embedding = False
+
+    def emb_key(self, site: str) -> str:
+        """Name in the embedding bank of the stage-2 user embedding that ``site``'s router reads."""
+        return "user_emb" if self.shared_embedding else f"{site}.user_emb"
 
     # -- building the stages -------------------------------------------------------
     def add_group(self, num_experts: int, r: int, alpha: float, dropout: float, router: str,
-                  user_dim: int, train_users: list[str], seed: int = 0, text_router_init: str = "kaiming") -> None:
+                  user_dim: int, train_users: list[str], seed: int = 0, text_router_init: str = "kaiming",
+                  user_embedding: str = "per-site") -> None:
         """Stage 2: K experts and a router on every site; embeddings for ``train_users``.
 
         ``text_router_init="zeros"`` starts the routers' text part at zero, so that
         routing starts uniform over experts and, with the user-aware router, differs
         between users only through their embeddings.
+
+        ``user_embedding`` is ``"per-site"`` (one embedding per user and adapted
+        linear) or ``"shared"`` (one per user, read by every site's router through
+        that router's own ``W_u``).
         """
         if text_router_init not in ("kaiming", "zeros"):
             raise ValueError(f"text_router_init must be kaiming or zeros, got {text_router_init!r}")
+        if user_embedding not in EMBEDDINGS:
+            raise ValueError(f"user_embedding must be one of {EMBEDDINGS}, got {user_embedding!r}")
         g = torch.random.fork_rng()
         with g:
             torch.manual_seed(seed)
@@ -106,7 +119,8 @@ class ProperModel(nn.Module):
                     nn.init.zeros_(s.router.w_text.weight)
                 _freeze(s.experts, s.router)
         if router == "user-aware":
-            shapes = {f"{name}.user_emb": (user_dim,) for name in self.sites}
+            self.shared_embedding = user_embedding == "shared"
+            shapes = {self.emb_key(name): (user_dim,) for name in self.sites}
             self.user_embs = UserParams(train_users, shapes, {k: "normal" for k in shapes}, seed=seed)
 
     def add_users(self, user_ids: list[str], r: int, alpha: float, lora_aware_router: bool, seed: int = 0) -> None:
@@ -140,7 +154,7 @@ class ProperModel(nn.Module):
             return
         for name, s in self.sites.items():
             if s.router is not None and s.router.kind == "user-aware":
-                s.router.fallback_emb.copy_(self.user_embs.params[f"{name}.user_emb"].mean(0))
+                s.router.fallback_emb.copy_(self.user_embs.params[self.emb_key(name)].mean(0))
 
     # -- parameters by stage -------------------------------------------------------
     def group_parameters(self) -> list[nn.Parameter]:
@@ -171,7 +185,7 @@ class ProperModel(nn.Module):
             for name, s in self.sites.items():
                 if s.router is None or s.router.kind != "user-aware":
                     continue  # after stage 3 the LoRA-aware router replaces it and reads no embedding
-                e = leaves[f"{name}.user_emb"][slots.clamp(min=0)]            # (B, d_e)
+                e = leaves[self.emb_key(name)][slots.clamp(min=0)]            # (B, d_e)
                 self.state.user_emb[name] = torch.where(valid, e, s.router.fallback_emb.expand_as(e))
             out.emb_rows, out.emb_leaves = rows, leaves
         if lora_users is not None and self.user_loras is not None and any(u is not None for u in lora_users):
@@ -200,11 +214,11 @@ class ProperModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states (B, T, H) of the decoder (no LM head)."""
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Full logits (B, T, V) for the currently bound users."""
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 def completion_nll(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -222,7 +236,7 @@ def completion_nll(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     Returns:
         (nll_sum (B,), n_tokens (B,)).
     """
-    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     target = labels[:, 1:]                                   # (B, T-1): position t predicts t+1
     sel = target != -100
     h = hidden[:, :-1][sel]                                  # (N, H)

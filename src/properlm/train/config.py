@@ -91,6 +91,10 @@ class GroupConfig:
         r, alpha, dropout: expert LoRA shape (paper 4, 8, 0.05).
         router: "user-aware" (paper) or "text" (the regular-router ablation).
         user_dim: width of the learned user embeddings.
+        user_embedding: "per-site" (one embedding per user and adapted linear) or
+            "shared" (one per user, read by every router through its own ``W_u``,
+            so all sites see the same user position and their LM-loss gradients
+            add up on it).
         text_router_init: "kaiming" (nn.Linear's default) or "zeros": the routers'
             text part starts at zero, so routing starts uniform and user-independent
             text features do not decide the first expert assignments.
@@ -112,6 +116,7 @@ class GroupConfig:
     dropout: float = 0.05
     router: str = "user-aware"
     user_dim: int = 32
+    user_embedding: str = "per-site"
     text_router_init: str = "kaiming"
     constraint_weight: float = 0.1
     constraint_warmup: float = 0.0
@@ -126,6 +131,8 @@ class GroupConfig:
         _check(self.num_experts >= 1, "group.num_experts must be >= 1")
         _check(self.router in ("user-aware", "text"), f"group.router must be user-aware or text, got {self.router!r}")
         _check(self.constraint_weight >= 0, "group.constraint_weight must be >= 0")
+        _check(self.user_embedding in ("per-site", "shared"),
+               f"group.user_embedding must be per-site or shared, got {self.user_embedding!r}")
         _check(self.text_router_init in ("kaiming", "zeros"),
                f"group.text_router_init must be kaiming or zeros, got {self.text_router_init!r}")
         _check(0 <= self.constraint_warmup <= 1, "group.constraint_warmup must be in [0, 1]")

@@ -61,7 +61,7 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
     pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, gc.router, gc.user_dim, users, seed=cfg.seed,
-                 text_router_init=gc.text_router_init)
+                 text_router_init=gc.text_router_init, user_embedding=gc.user_embedding)
     shared = {n: p for n, p in pm.named_parameters() if ".experts." in n or ".router." in n}
     for p in shared.values():
         p.requires_grad_(True)

@@ -110,7 +110,8 @@ def build_model(cfg: RunConfig, run_dir: Path, upto: str):
     g = cfg.group
     emb_users = _user_ids(run_dir / "group" / "user_embeddings.safetensors")
     router = "user-aware" if cfg.user.end_to_end else g.router
-    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, router, g.user_dim, emb_users or [], seed=cfg.seed)
+    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, router, g.user_dim, emb_users or [], seed=cfg.seed,
+                 user_embedding=g.user_embedding)
     load_group_state(pm, load_file(str(run_dir / "group" / "experts.safetensors")))
     if pm.user_embs is not None:
         pm.user_embs.load_state_tensors("", load_file(str(run_dir / "group" / "user_embeddings.safetensors")))

@@ -96,7 +96,7 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
     pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, "user-aware", gc.user_dim, users, seed=cfg.seed,
-                 text_router_init=gc.text_router_init)
+                 text_router_init=gc.text_router_init, user_embedding=gc.user_embedding)
     pm.add_users(users, uc.r, uc.alpha, lora_aware_router=False, seed=cfg.seed)
     shared = {n: p for n, p in pm.named_parameters() if ".experts." in n or ".router." in n}
     for p in shared.values():
