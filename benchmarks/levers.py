@@ -14,7 +14,9 @@ Variants:
   patch, so each change's gain is measured in the same run:
   ``gather copies`` (user factors copied per site and row, times a 0/1 mask),
   ``float32 frozen weights`` (autocast casting every frozen weight on every call),
-  ``torch dropout`` (``nn.Dropout``'s bernoulli mask), ``all`` (the three);
+  ``torch dropout`` (``nn.Dropout``'s bernoulli mask), ``15-bit dropout mask``
+  (``LoraDropout`` before it read 8-bit uniforms), ``KV cache in the training
+  forward`` (transformers' default ``use_cache``), ``all`` (the first three);
 - ``causal-only attention``: no padding mask for right-padded batches (same
   real-token outputs; tried, not adopted);
 - ``fp32``: no autocast;
@@ -55,6 +57,32 @@ def causal_only():
         m = attention_mask.bool()
         right = bool(m[:, 0].all()) and bool((m[:, 1:] <= m[:, :-1]).all())
         return orig(lm, input_ids, None if right else attention_mask, labels)
+
+    multiuser_mod.completion_nll = nll
+    try:
+        yield
+    finally:
+        multiuser_mod.completion_nll = orig
+
+
+@contextlib.contextmanager
+def kv_cache():
+    """Before: the training forward let transformers build a KV cache (its default ``use_cache``)."""
+    orig = multiuser_mod.completion_nll
+
+    def nll(lm, input_ids, attention_mask, labels):
+        decoder = lm.get_decoder()
+        call = decoder.forward
+
+        def with_cache(*a, **kw):
+            kw["use_cache"] = True
+            return call(*a, **kw)
+
+        decoder.forward = with_cache
+        try:
+            return orig(lm, input_ids, attention_mask, labels)
+        finally:
+            del decoder.forward
 
     multiuser_mod.completion_nll = nll
     try:
@@ -121,6 +149,39 @@ def torch_dropout(pm):
             s.dropout = old[n]
 
 
+class Dropout15(torch.nn.Module):
+    """Before: ``LoraDropout`` as it was, two 15-bit uniforms per 30-bit draw split with bit arithmetic."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.threshold = round(p * 32768)
+        self.scale = 1.0 / (1.0 - self.threshold / 32768)
+
+    def forward(self, x):
+        if not self.training or self.threshold == 0:
+            return x
+        n = x.numel()
+        half = (n + 1) // 2
+        bits = torch.randint(0, 1 << 30, (half,), dtype=torch.int32)
+        keep = torch.empty(2, half, dtype=torch.bool)
+        torch.ge(bits & 0x7FFF, self.threshold, out=keep[0])
+        torch.ge(bits >> 15, self.threshold, out=keep[1])
+        return torch.where(keep.view(-1)[:n].view(x.shape), x * self.scale, 0.0)
+
+
+@contextlib.contextmanager
+def dropout_15bit(pm):
+    old = {n: s.dropout for n, s in pm.sites.items()}
+    for s in pm.sites.values():
+        if hasattr(s.dropout, "p"):
+            s.dropout = Dropout15(s.dropout.p).train(s.dropout.training)
+    try:
+        yield
+    finally:
+        for n, s in pm.sites.items():
+            s.dropout = old[n]
+
+
 @contextlib.contextmanager
 def no_dropout(pm):
     old = {n: s.dropout for n, s in pm.sites.items()}
@@ -151,6 +212,8 @@ def variants(pm) -> dict:
         "before: gather copies": (gather_copies, True),
         "before: float32 frozen weights": (float32_frozen, True),
         "before: torch dropout": (lambda: torch_dropout(pm), True),
+        "before: 15-bit dropout mask": (lambda: dropout_15bit(pm), True),
+        "before: KV cache in the training forward": (kv_cache, True),
         "before: all": (stack(gather_copies, float32_frozen, lambda: torch_dropout(pm)), True),
         "causal-only attention": (causal_only, True),
         "fp32": (nothing, False),
