@@ -160,3 +160,15 @@ def test_constraint_warmup_and_router_init_are_checked(h):
         h.small_cfg(group=dict(constraint_warmup=1.5))
     with pytest.raises(ValueError, match="text_router_init"):
         h.small_cfg(group=dict(text_router_init="ones"))
+
+
+def test_schedule_mixes_who_shares_a_step_but_not_what_each_user_sees():
+    by_user = {f"u{i}": list(range(10 * i, 10 * i + 4)) for i in range(8)}
+    steps = user_schedule(by_user, per_user_batch=1, users_per_step=4, epochs=3, seed=0)
+    cohorts = {frozenset(u for u, _ in s) for s in steps}
+    assert len(cohorts) > 2, "the same two cohorts every round: users never meet the others"
+    assert all(len(s) == 4 for s in steps)
+    for u in by_user:  # each user's own batches do not depend on who else trains
+        alone = user_schedule({u: by_user[u]}, per_user_batch=1, users_per_step=4, epochs=3, seed=0)
+        assert [b for s in steps for v, b in s if v == u] == [b for s in alone for _, b in s]
+    assert steps == user_schedule(by_user, per_user_batch=1, users_per_step=4, epochs=3, seed=0)

@@ -57,9 +57,14 @@ def user_schedule(by_user: dict[str, list[int]], per_user_batch: int, users_per_
             seq += [[idx[j] for j in perm[i:i + per_user_batch]] for i in range(0, len(idx), per_user_batch)]
         chunks[u] = seq
     # Round-robin: a user's k-th batch comes before anyone's (k+1)-th, so long
-    # histories do not starve short ones; users in a fixed order within a round.
+    # histories do not starve short ones. Within a round the users come in a
+    # seeded random order, so a user shares steps with different users from one
+    # round to the next (stage 2's constraint loss compares the users of a step).
     order = sorted(chunks)
-    pending = [(k, u) for k in range(max((len(c) for c in chunks.values()), default=0)) for u in order if k < len(chunks[u])]
+    pending = []
+    for k in range(max((len(c) for c in chunks.values()), default=0)):
+        active = [u for u in order if k < len(chunks[u])]
+        pending += [(k, active[j]) for j in np.random.default_rng([seed, k]).permutation(len(active))]
     steps, cur, seen = [], [], set()
     for k, u in pending:
         if len(cur) == users_per_step or u in seen:
