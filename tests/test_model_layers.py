@@ -76,6 +76,29 @@ def test_autocast_path_matches_fp32_within_bf16_error():
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.05)
 
 
+def test_dropout_scale_on_the_adapter_outputs_equals_dropout_on_the_input():
+    """ProperLinear applies dropout's 1/(1-p) after the adapters' A: the same as scaling x first."""
+    torch.manual_seed(0)
+    state = RoutingState()
+    lin = ProperLinear(torch.nn.Linear(16, 24, bias=False), "s", state, dropout=0.3)
+    lin.add_experts(3, 2, 4, "lora-aware", 2)
+    torch.nn.init.normal_(lin.experts.lora_B)
+    torch.nn.init.normal_(lin.router.w_user.weight)
+    a, b = torch.randn(2, 2, 16, dtype=torch.float64), torch.randn(2, 24, 2, dtype=torch.float64)
+    lin.double().train()
+    state.user_lora["s"] = (a, b)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = lin(x)
+    torch.manual_seed(1)
+    xd = lin.dropout(x)                                   # the same mask, scaled on the input
+    assert lin.dropout.scale != 1.0 and bool((xd == 0).any())
+    h = xd @ a.transpose(1, 2)
+    gates = lin.router(x, h)
+    want = lin.base(x) + lin.user_scaling * h @ b.transpose(1, 2) + lin.experts(xd, gates)
+    torch.testing.assert_close(y, want)
+
+
 def test_zero_text_router_init_routes_uniformly_until_users_differ(fresh_lm, tok):
     from properlm.model.proper import ProperModel
 

@@ -20,12 +20,18 @@ def test_frozen_bf16_gives_autocast_numbers_and_restores_float32(fresh_lm, tok):
     with autocast(True):
         ref = pm(ids["input_ids"], ids["attention_mask"])
     before = {n: p.detach().clone() for n, p in pm.lm.named_parameters()}
+    head = pm.lm.get_output_embeddings()
+    tied = head.weight is pm.lm.get_input_embeddings().weight
     with frozen_bf16(pm.lm, True) as n_swapped:
-        assert n_swapped == 7 * len(pm.lm.get_decoder().layers)  # q,k,v,o + the 3 FFN bases per layer
+        assert n_swapped == 7 * len(pm.lm.get_decoder().layers) + 1  # q,k,v,o + the 3 FFN bases per layer, LM head
         assert pm.sites["layers.0.mlp.up_proj"].base.weight.dtype == torch.bfloat16
+        assert pm.lm.get_output_embeddings().weight.dtype == torch.bfloat16
+        assert pm.lm.get_input_embeddings().weight.dtype == torch.float32  # a tied embedding stays float32
         with autocast(True):
             out = pm(ids["input_ids"], ids["attention_mask"])
     assert torch.equal(out, ref)
+    assert pm.lm.get_output_embeddings() is head
+    assert (head.weight is pm.lm.get_input_embeddings().weight) == tied
     for n, p in pm.lm.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
     with frozen_bf16(pm.lm, False) as n_swapped:

@@ -113,15 +113,25 @@ class LoraDropout(nn.Module):
         self.scale = 1.0 / (1.0 - self.p_used)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xd, scale = self.masked(x)
+        return xd if scale == 1.0 else xd * scale
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(x with the dropped entries zeroed, the survivors' scale)``: dropout is ``xd * scale``.
+
+        For a caller that only feeds ``xd`` through linear maps (the adapters): it
+        can apply the scale to their small outputs instead of to ``x``, saving a
+        full-width multiply forward and backward. Identity in eval: ``(x, 1.0)``.
+        """
         if not self.training or self.threshold == 0:
-            return x
+            return x, 1.0
         n, per = x.numel(), 32 // self.bits
         draws = torch.empty((n + per - 1) // per, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
         if self.bits == 8:
             keep = draws.view(torch.uint8)[:n].view(x.shape) >= self.threshold
         else:  # int16 is signed: the uniform u in [0, 65536) is stored as u - 32768
             keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold - 32768
-        return torch.where(keep, x * self.scale, 0.0)
+        return torch.where(keep, x, 0.0), self.scale
 
     def extra_repr(self) -> str:
         return f"p={self.p} (used: {self.p_used:.6g}, {self.bits}-bit uniforms)"
@@ -150,14 +160,15 @@ class GroupExperts(nn.Module):
         for k in range(num_experts):
             nn.init.kaiming_uniform_(self.lora_A.data[k * r:(k + 1) * r], a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, gates: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out + sum_k gates_k * s * B_k A_k x`` for x (B, T, d_in), gates (B, T, K) -> (B, T, d_out).
+    def forward(self, x: torch.Tensor, gates: torch.Tensor, out: torch.Tensor | None = None,
+                in_scale: float = 1.0) -> torch.Tensor:
+        """``out + sum_k gates_k * s * B_k A_k (in_scale * x)`` for x (B, T, d_in), gates (B, T, K) -> (B, T, d_out).
 
-        The scaling rides on the (small) gated low-rank activations and the sum into
+        The scalings ride on the (small) gated low-rank activations and the sum into
         ``out`` is one ``addmm``, so no full-width temporaries are made.
         """
         h = F.linear(x, self.lora_A)                                     # (B, T, K*r)
-        h = (h.unflatten(-1, (self.k, self.r)) * (gates * self.scaling).unsqueeze(-1)).flatten(-2)
+        h = (h.unflatten(-1, (self.k, self.r)) * (gates * (self.scaling * in_scale)).unsqueeze(-1)).flatten(-2)
         if out is None:
             return F.linear(h, self.lora_B)
         return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), self.lora_B.t()).view_as(out)
@@ -198,16 +209,19 @@ class ProperLinear(nn.Module):
             # again), and the dropout then works on the narrower type.
             x = x.to(torch.get_autocast_dtype(x.device.type))
         y = self.base(x)
-        xd = self.dropout(x)
+        # Dropout is xd * scale; the scale is applied to the adapters' low-rank outputs.
+        xd, scale = self.dropout.masked(x) if isinstance(self.dropout, LoraDropout) else (self.dropout(x), 1.0)
         lora_h = None
         if self.site in self.state.user_lora:
             a, b = self.state.user_lora[self.site]                          # (B, r, d_in), (B, d_out, r)
             lora_h = torch.bmm(xd, a.transpose(1, 2).to(x.dtype))           # (B, T, r)
+            if scale != 1.0:
+                lora_h = lora_h * scale
             y = torch.baddbmm(y, lora_h, b.transpose(1, 2).to(y.dtype), alpha=self.user_scaling)
         if self.experts is not None:
             signal = lora_h if self.router.kind == "lora-aware" else self.state.user_emb.get(self.site)
             gates = self.router(x, signal)                                   # (B, T, K)
-            y = self.experts(xd, gates, out=y)
+            y = self.experts(xd, gates, out=y, in_scale=scale)
             if self.state.record:
                 m = self.state.token_mask
                 if m is None or m.shape != gates.shape[:2]:
