@@ -16,9 +16,15 @@ Variants:
   ``float32 frozen weights`` (autocast casting every frozen weight on every call),
   ``torch dropout`` (``nn.Dropout``'s bernoulli mask), ``15-bit dropout mask``
   (``LoraDropout`` before it read 8-bit uniforms), ``KV cache in the training
-  forward`` (transformers' default ``use_cache``), ``all`` (the first three);
+  forward`` (transformers' default ``use_cache``), ``cross-entropy on a float32
+  copy`` (``F.cross_entropy(logits.float())`` instead of the chunked
+  ``properlm.model.cross_entropy``), ``all`` (the first three);
 - ``causal-only attention``: no padding mask for right-padded batches (same
   real-token outputs; tried, not adopted);
+- ``bf16 residual stream``: the embeddings and norms held in bf16 too, so the
+  residual stream, the norms' outputs and RoPE run in bf16 (as a model loaded
+  in bf16 does): measured, not adopted, as it changes the numerics of every
+  stage and of the sequential baseline alike;
 - ``fp32``: no autocast;
 - ``sdpa attention`` / ``eager attention``: the other attention implementation;
 - ``no dropout``: LoRA dropout off: not a lever (it changes training), but it
@@ -34,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import properlm.model.proper as proper_mod
 import properlm.train.multiuser as multiuser_mod
@@ -89,6 +96,32 @@ def kv_cache():
         yield
     finally:
         multiuser_mod.completion_nll = orig
+
+
+@contextlib.contextmanager
+def float32_cross_entropy():
+    """Before: the completion loss on a float32 copy of the logits (torch's cross-entropy)."""
+    orig = proper_mod.cross_entropy
+    proper_mod.cross_entropy = lambda logits, target: F.cross_entropy(logits.float(), target, reduction="none")
+    try:
+        yield
+    finally:
+        proper_mod.cross_entropy = orig
+
+
+@contextlib.contextmanager
+def bf16_residual(pm):
+    """The embeddings and RMSNorm weights in bf16 for the step: the whole residual stream runs in bf16."""
+    saved = []
+    for m in pm.lm.modules():
+        if isinstance(m, torch.nn.Embedding) or type(m).__name__.endswith("RMSNorm"):
+            saved.append((m, m.weight.data))
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for m, w in saved:
+            m.weight.data = w
 
 
 @contextlib.contextmanager
@@ -214,8 +247,10 @@ def variants(pm) -> dict:
         "before: torch dropout": (lambda: torch_dropout(pm), True),
         "before: 15-bit dropout mask": (lambda: dropout_15bit(pm), True),
         "before: KV cache in the training forward": (kv_cache, True),
+        "before: cross-entropy on a float32 copy": (float32_cross_entropy, True),
         "before: all": (stack(gather_copies, float32_frozen, lambda: torch_dropout(pm)), True),
         "causal-only attention": (causal_only, True),
+        "bf16 residual stream (not adopted)": (lambda: bf16_residual(pm), True),
         "fp32": (nothing, False),
         f"{other} attention": (lambda: attention(pm, other), True),
         "no dropout (bound)": (lambda: no_dropout(pm), True),

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from properlm.model.cross_entropy import cross_entropy
 from properlm.model.layers import ProperLinear, Router, RoutingState, lora_dropout
 from properlm.model.user_params import UserParams
 
@@ -226,7 +226,8 @@ def completion_nll(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """Summed next-token NLL per row on completion tokens only, and their counts.
 
     The LM head runs only on positions that predict a label (the vocabulary
-    projection is a large share of a small model's compute).
+    projection is a large share of a small model's compute), and the loss over
+    its logits is :func:`properlm.model.cross_entropy.cross_entropy`.
 
     Args:
         lm: a causal LM (HF, PEFT-wrapped, or ``ProperModel.lm``).
@@ -240,8 +241,8 @@ def completion_nll(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     target = labels[:, 1:]                                   # (B, T-1): position t predicts t+1
     sel = target != -100
     h = hidden[:, :-1][sel]                                  # (N, H)
-    logits = lm.get_output_embeddings()(h).float()           # (N, V)
-    nll = F.cross_entropy(logits, target[sel], reduction="none")
+    logits = lm.get_output_embeddings()(h)                   # (N, V), bf16 under autocast
+    nll = cross_entropy(logits, target[sel])                 # float32, without (N, V) float32 copies
     rows = sel.nonzero()[:, 0]
     per_row = torch.zeros(labels.shape[0], dtype=nll.dtype).index_add_(0, rows, nll)
     return per_row, sel.sum(1)
