@@ -3,8 +3,8 @@
 ``F.cross_entropy(logits.float(), target)`` on bf16 logits of N positions over a
 49k vocabulary writes an (N, V) float32 copy, its log-softmax, a zero-filled
 (N, V) gradient that the NLL backward scatters into, the log-softmax backward
-and a cast of that gradient back to bf16: five full (N, V) float32 passes, ~5%
-of a stage-3 training step on CPU (benchmarks/levers.py). :func:`cross_entropy`
+and a cast of that gradient back to bf16: five full (N, V) float32 passes (87 ms
+against 25 ms here for a stage-3 step's 271 x 49,152 logits on CPU). :func:`cross_entropy`
 computes the same numbers in row chunks: the forward keeps only each row's
 float32 log-sum-exp, and the backward writes ``softmax - onehot`` straight into
 a gradient of the logits' own dtype. All arithmetic is float32, as autocast
