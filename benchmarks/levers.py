@@ -38,6 +38,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,6 @@ from benchmarks.common import (BenchConfig, Dims, Timer, batch_stats, make_data,
 from benchmarks.train import batched_step, multiuser_spec
 
 
-@contextlib.contextmanager
 def causal_only():
     """Give the attention no padding mask when the batch is right-padded (the causal path).
 
@@ -65,14 +65,9 @@ def causal_only():
         right = bool(m[:, 0].all()) and bool((m[:, 1:] <= m[:, :-1]).all())
         return orig(lm, input_ids, None if right else attention_mask, labels)
 
-    multiuser_mod.completion_nll = nll
-    try:
-        yield
-    finally:
-        multiuser_mod.completion_nll = orig
+    return mock.patch.object(multiuser_mod, "completion_nll", nll)
 
 
-@contextlib.contextmanager
 def kv_cache():
     """Before: the training forward let transformers build a KV cache (its default ``use_cache``)."""
     orig = multiuser_mod.completion_nll
@@ -91,22 +86,13 @@ def kv_cache():
         finally:
             del decoder.forward
 
-    multiuser_mod.completion_nll = nll
-    try:
-        yield
-    finally:
-        multiuser_mod.completion_nll = orig
+    return mock.patch.object(multiuser_mod, "completion_nll", nll)
 
 
-@contextlib.contextmanager
 def float32_cross_entropy():
     """Before: the completion loss on a float32 copy of the logits (torch's cross-entropy)."""
-    orig = proper_mod.cross_entropy
-    proper_mod.cross_entropy = lambda logits, target: F.cross_entropy(logits.float(), target, reduction="none")
-    try:
-        yield
-    finally:
-        proper_mod.cross_entropy = orig
+    return mock.patch.object(proper_mod, "cross_entropy",
+                             lambda logits, target: F.cross_entropy(logits.float(), target, reduction="none"))
 
 
 @contextlib.contextmanager
@@ -124,7 +110,6 @@ def bf16_residual(pm):
             m.weight.data = w
 
 
-@contextlib.contextmanager
 def gather_copies():
     """ProperModel.bind as before: every site's factors indexed per row and multiplied by a validity mask."""
     orig = proper_mod.ProperModel.bind
@@ -140,11 +125,7 @@ def gather_copies():
                 self.state.user_lora[name] = (a, b)
         return out
 
-    proper_mod.ProperModel.bind = bind
-    try:
-        yield
-    finally:
-        proper_mod.ProperModel.bind = orig
+    return mock.patch.object(proper_mod.ProperModel, "bind", bind)
 
 
 @contextlib.contextmanager
@@ -157,29 +138,27 @@ def attention(pm, impl: str):
         pm.lm.set_attn_implementation(old)
 
 
-@contextlib.contextmanager
 def float32_frozen():
     """Before: the frozen linears stayed float32 and autocast cast them on every call."""
-    old = multiuser_mod.frozen_bf16
-    multiuser_mod.frozen_bf16 = lambda model, enabled: contextlib.nullcontext(0)
-    try:
-        yield
-    finally:
-        multiuser_mod.frozen_bf16 = old
+    return mock.patch.object(multiuser_mod, "frozen_bf16", lambda model, enabled: contextlib.nullcontext(0))
 
 
 @contextlib.contextmanager
-def torch_dropout(pm):
-    """Before: ``nn.Dropout`` (a bernoulli draw per element) on the adapters' input."""
+def site_dropouts(pm, make):
+    """Every site's dropout module ``d`` replaced by ``make(d)`` for the step."""
     old = {n: s.dropout for n, s in pm.sites.items()}
     for s in pm.sites.values():
-        if hasattr(s.dropout, "p"):
-            s.dropout = torch.nn.Dropout(s.dropout.p)
+        s.dropout = make(s.dropout)
     try:
         yield
     finally:
         for n, s in pm.sites.items():
             s.dropout = old[n]
+
+
+def torch_dropout(pm):
+    """Before: ``nn.Dropout`` (a bernoulli draw per element) on the adapters' input."""
+    return site_dropouts(pm, lambda d: torch.nn.Dropout(d.p) if hasattr(d, "p") else d)
 
 
 class Dropout15(torch.nn.Module):
@@ -202,29 +181,12 @@ class Dropout15(torch.nn.Module):
         return torch.where(keep.view(-1)[:n].view(x.shape), x * self.scale, 0.0)
 
 
-@contextlib.contextmanager
 def dropout_15bit(pm):
-    old = {n: s.dropout for n, s in pm.sites.items()}
-    for s in pm.sites.values():
-        if hasattr(s.dropout, "p"):
-            s.dropout = Dropout15(s.dropout.p).train(s.dropout.training)
-    try:
-        yield
-    finally:
-        for n, s in pm.sites.items():
-            s.dropout = old[n]
+    return site_dropouts(pm, lambda d: Dropout15(d.p).train(d.training) if hasattr(d, "p") else d)
 
 
-@contextlib.contextmanager
 def no_dropout(pm):
-    old = {n: s.dropout for n, s in pm.sites.items()}
-    for s in pm.sites.values():
-        s.dropout = torch.nn.Identity()
-    try:
-        yield
-    finally:
-        for n, s in pm.sites.items():
-            s.dropout = old[n]
+    return site_dropouts(pm, lambda d: torch.nn.Identity())
 
 
 def variants(pm) -> dict:
