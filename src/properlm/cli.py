@@ -36,10 +36,10 @@ Register = Callable[["argparse._SubParsersAction"], None]
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
-    """``properlm data inspect PATH``: load any layout and summarize it."""
-    from properlm.data import format_inspect, inspect_dataset, load_dataset
+    """``properlm data inspect PATH``: check any layout and summarize it (JSONL and LaMP in one streaming pass)."""
+    from properlm.data.inspect import format_inspect, inspect_path
 
-    info = inspect_dataset(load_dataset(args.path, task=args.task, fmt=args.format, n_queries=args.n_queries))
+    info = inspect_path(args.path, task=args.task, fmt=args.format, n_queries=args.n_queries)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return 0
 
@@ -58,12 +58,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
     """``properlm data convert PATH --out DIR``: any loadable dataset to LaMP's layout."""
-    from properlm.data import export_lamp, load_dataset
+    from properlm.data.load import convert_dataset
 
-    # Load (and validate) completely before writing: a bad input leaves --out untouched.
-    ds = load_dataset(args.path, task=args.task, fmt=args.format, n_queries=args.n_queries)
-    written = export_lamp(ds, args.out)
-    print(f"wrote {ds.task}: {len(ds.users)} users to {', '.join(str(p) for p in written)}")
+    # Every record is checked before anything is written: a bad input leaves --out untouched.
+    # A JSONL log streams through temporary bucket files (bounded memory); others load whole.
+    task, n_users, written = convert_dataset(args.path, args.out, task=args.task, fmt=args.format,
+                                             n_queries=args.n_queries)
+    print(f"wrote {task}: {n_users} users to {', '.join(str(p) for p in written)}")
     return 0
 
 

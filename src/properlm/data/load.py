@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from properlm.data.jsonl import load_jsonl
-from properlm.data.lamp import load_lamp
+from properlm.data.inspect import Summary, summarize
+from properlm.data.jsonl import convert_jsonl, load_jsonl, scan_jsonl
+from properlm.data.lamp import export_lamp, load_lamp, scan_lamp
 from properlm.data.movielens import load_movielens, movielens_layout
 from properlm.data.oppu import LABEL_FILE, TEST_FILE, TRAIN_FILE, is_oppu_dir, load_oppu
 from properlm.data.schema import Dataset
@@ -55,6 +56,21 @@ def detect_format(path: str | Path) -> str:
     raise DataError(str(path), "cannot tell the layout: expected a directory, a .json or a .jsonl file")
 
 
+def _resolve(path: str | Path, task: str | None, fmt: str) -> tuple[Path, str]:
+    """Check ``fmt`` and ``task`` (before reading anything); return the path to read and its format."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if task is not None:
+        get_task(task)  # an unknown --task is a usage error, reported before reading anything
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "oppu" and path.is_file():
+        path = path.parent
+    if fmt in ("movielens", "jsonl") and task is not None and get_task(task).name != fmt:
+        raise ConfigError(f"the {fmt} format is always task {fmt!r}, not {task!r}")
+    return path, fmt
+
+
 def load_dataset(path: str | Path, task: str | None = None, fmt: str = "auto", n_queries: int = 5) -> Dataset:
     """Load any supported layout into a validated :class:`Dataset`.
 
@@ -72,24 +88,48 @@ def load_dataset(path: str | Path, task: str | None = None, fmt: str = "auto", n
         DataError: bad input, naming file, record and field.
         ConfigError: an unknown ``fmt`` or ``task``.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if task is not None:
-        get_task(task)  # an unknown --task is a usage error, reported before reading anything
-    path = Path(path)
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "oppu" and path.is_file():
-        path = path.parent
+    path, fmt = _resolve(path, task, fmt)
     if fmt == "lamp":
         ds = load_lamp(path, task=task)
     elif fmt == "oppu":
         ds = load_oppu(path, task=task)
+    elif fmt == "movielens":
+        ds = load_movielens(path, n_queries=n_queries)
     else:
-        if task is not None and get_task(task).name != ("movielens" if fmt == "movielens" else "jsonl"):
-            raise ConfigError(f"the {fmt} format is always task {fmt!r}, not {task!r}")
-        ds = load_movielens(path, n_queries=n_queries) if fmt == "movielens" else load_jsonl(path, n_queries)
+        ds = load_jsonl(path, n_queries)
     validate(ds)
     return ds
+
+
+def scan_dataset(path: str | Path, task: str | None = None, fmt: str = "auto", n_queries: int = 5) -> Summary:
+    """The :class:`~properlm.data.inspect.Summary` of ``load_dataset(...)``, streaming where it can.
+
+    JSONL logs and LaMP files are checked and summarized in one pass without building
+    the dataset (:func:`~properlm.data.jsonl.scan_jsonl`, :func:`~properlm.data.lamp.scan_lamp`);
+    OPPU and MovieLens are loaded. Arguments and errors are those of :func:`load_dataset`.
+    """
+    resolved, kind = _resolve(path, task, fmt)
+    if kind == "jsonl":
+        return scan_jsonl(resolved, n_queries).summary()
+    if kind == "lamp":
+        return scan_lamp(resolved, task=task)
+    return summarize(load_dataset(path, task=task, fmt=fmt, n_queries=n_queries))
+
+
+def convert_dataset(path: str | Path, out_dir: str | Path, task: str | None = None, fmt: str = "auto",
+                    n_queries: int = 5) -> tuple[str, int, list[Path]]:
+    """Write any loadable dataset in LaMP's layout; returns (task, number of users, paths written).
+
+    A JSONL log is converted in bounded memory (:func:`~properlm.data.jsonl.convert_jsonl`);
+    other layouts are loaded and validated whole, then written (:func:`~properlm.data.lamp.export_lamp`).
+    Either way a bad input is reported before anything is written, and ``out_dir`` then stays untouched.
+    """
+    resolved, kind = _resolve(path, task, fmt)
+    if kind == "jsonl":
+        n_users, written = convert_jsonl(resolved, out_dir, n_queries)
+        return "jsonl", n_users, written
+    ds = load_dataset(path, task=task, fmt=fmt, n_queries=n_queries)
+    return ds.task, len(ds.users), export_lamp(ds, out_dir)
 
 
 def validate(dataset: Dataset, path: str | Path | None = None) -> None:
