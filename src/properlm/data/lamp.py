@@ -355,6 +355,8 @@ def scan_lamp(path: str | Path, task: str | None = None, outputs: str | Path | N
             users[uid] = _UserCount(user)
             users[uid].add_items(items)
             order.insert(index if isinstance(index, int) else len(order), uid)
+    if not order:
+        raise DataError(src, "no users")
     for uid in order:  # what validate() would find first, in the loaded dataset's user order
         u = users[uid]
         u.items = set()
@@ -433,6 +435,14 @@ def _user_keys(user: User) -> dict:
     return out
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _indented(text: str, prefix: str) -> str:
     return prefix + text.replace("\n", "\n" + prefix)
 
@@ -507,6 +517,8 @@ class LampWriter:
             names = ["questions.json", "outputs.json"] + ([EXTRA_USERS_FILE] if self._extra is not None else [])
             for f in (self._questions, self._outputs, self._extra):
                 if f is not None:
+                    f.flush()
+                    os.fsync(f.fileno())  # the bytes are on disk before the names are
                     f.close()
                     os.chmod(f.name, 0o666 & ~io._UMASK)  # as properlm.io's atomic files
             self.out.mkdir(parents=True, exist_ok=True)
@@ -515,6 +527,7 @@ class LampWriter:
                 stale.unlink()  # a previous export's side file would add users that are not in this dataset
             for name in names:
                 os.replace(self.tmp / name, self.out / name)
+            _fsync_dir(self.out)
         except BaseException:
             self.abort()
             raise

@@ -75,10 +75,10 @@ class JsonReader:
     context manager (or call :meth:`close`).
     """
 
-    def __init__(self, path: str | os.PathLike, chunk: int = CHUNK):
+    def __init__(self, path: str | os.PathLike, chunk: int | None = None):
         self.path = Path(path)
         self._f = _open(self.path)
-        self._chunk = chunk
+        self._chunk = chunk or CHUNK
         self._buf = ""          # decoded text not yet consumed starts at self._pos
         self._pos = 0
         self._eof = False
@@ -184,8 +184,8 @@ class JsonReader:
                 if incomplete and self._fill(len(self._buf) - self._pos):
                     continue
                 raise self._error(e.msg, e.pos) from None
-            if end == len(self._buf) and self._fill(len(self._buf) - self._pos):
-                continue  # a number (or anything) ending at the buffer's end may go on
+            if end > len(self._buf) - _NEAR_END and self._fill(len(self._buf) - self._pos):
+                continue  # a number near the buffer's end may go on ("12" of "12.5e3", "1" of "1.")
             self._pos = end
             return obj
 
