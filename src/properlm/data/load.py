@@ -3,6 +3,7 @@
 Layouts, as auto-detected:
 
 * a directory with ``u.data``: movielens (100K layout);
+* a directory with ``ratings.dat``: movielens (1M layout, with ``movies.dat``);
 * a directory with ``ratings.csv`` and ``movies.csv``: movielens (CSV layout);
 * a directory with ``user_others.json`` and/or ``user_top_100_history.json``: oppu;
 * a directory with one ``*questions*.json``: lamp (its outputs file is the same name
@@ -45,7 +46,7 @@ def detect_format(path: str | Path) -> str:
             return "oppu"
         if any(path.glob("*questions*.json")):
             return "lamp"
-        raise DataError(str(path), "cannot tell the layout: expected u.data, ratings.csv + movies.csv, "
+        raise DataError(str(path), "cannot tell the layout: expected u.data, ratings.dat, ratings.csv + movies.csv, "
                                    f"{TRAIN_FILE}, or a *questions*.json file")
     if path.name in (TRAIN_FILE, TEST_FILE, LABEL_FILE):
         return "oppu"

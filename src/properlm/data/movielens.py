@@ -5,10 +5,15 @@ Two layouts are read:
 * the 100K layout: ``u.data`` (``user<TAB>item<TAB>rating<TAB>timestamp``), ``u.item``
   (``id|title|release date|video release date|IMDb URL|19 genre flags``, latin-1),
   optional ``u.genre`` (``name|index``) and ``u.user`` (``id|age|gender|occupation|zip``);
+* the 1M layout (ml-1m; ml-10m has the same files but no ``users.dat``): ``ratings.dat``
+  (``UserID::MovieID::Rating::Timestamp``), ``movies.dat`` (``MovieID::Title::Genres``
+  with ``|``-separated genres, latin-1 in ml-1m; UTF-8 is read as such), optional
+  ``users.dat`` (``UserID::Gender::Age::Occupation::Zip-code``; the age is the file's
+  bracket code, e.g. ``25`` for 25-34, and the occupation code becomes its name);
 * the newer CSV layout (ml-latest, ml-25m): ``ratings.csv`` (``userId,movieId,rating,
   timestamp``) and ``movies.csv`` (``movieId,title,genres`` with ``|``-separated genres).
-  Half-star ratings are rounded half up to an integer 1..5 (0.5 -> 1, 3.5 -> 4) so that
-  golds are LaMP-3's labels.
+  Half-star ratings (CSV, ml-10m) are rounded half up to an integer 1..5 (0.5 -> 1,
+  3.5 -> 4) so that golds are LaMP-3's labels.
 
 A rating becomes an item ``{"text": "Title (Year) | Genre1, Genre2", "score": "4"}``
 dated by its timestamp (ISO, UTC). A user's history is their ratings in time order;
@@ -25,6 +30,7 @@ from pathlib import Path
 
 from properlm import io
 from properlm.data.schema import Dataset, Item, Query, User
+from properlm.data.stream import iter_lines
 from properlm.data.tasks import MOVIELENS_PROMPT
 from properlm.errors import DataError
 
@@ -38,11 +44,23 @@ _NO_GENRE = {"unknown", "(no genres listed)"}
 Rating = tuple[str, str, int, int]
 
 
+# ml-1m's README: the occupation codes of users.dat.
+OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                  "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                  "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                  "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+
+#: The ratings file of each layout (the file errors about ratings name).
+RATINGS_FILE = {"100k": "u.data", "1m": "ratings.dat", "csv": "ratings.csv"}
+
+
 def movielens_layout(path: str | Path) -> str | None:
-    """``"100k"``, ``"csv"`` or ``None`` for a directory."""
+    """``"100k"``, ``"1m"``, ``"csv"`` or ``None`` for a directory."""
     path = Path(path)
     if (path / "u.data").exists():
         return "100k"
+    if (path / "ratings.dat").exists():
+        return "1m"
     if (path / "ratings.csv").exists() and (path / "movies.csv").exists():
         return "csv"
     return None
@@ -111,6 +129,62 @@ def _read_100k(root: Path) -> tuple[dict[str, str], list[Rating], dict[str, dict
     return movies, ratings, demographics
 
 
+def _dat_fields(line: str, n_fields: int, path: Path, n: int) -> list[str]:
+    parts = line.split("::")
+    if len(parts) != n_fields:
+        raise DataError(str(path), f"expected {n_fields} '::'-separated fields, got {len(parts)}", record=f"line {n}")
+    return parts
+
+
+def _read_1m(root: Path) -> tuple[dict[str, str], list[Rating], dict[str, dict[str, str]]]:
+    """Movies, ratings and demographics of the 1M (``.dat``) layout."""
+    movie_path = root / "movies.dat"
+    if not movie_path.exists():
+        raise DataError(str(movie_path), "file not found (the 1M layout needs movies.dat beside ratings.dat)")
+    raw = movie_path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # ml-1m's titles are latin-1 (accents); latin-1 decodes any byte
+    movies = {}
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        # The id is the first field and the genres the last, so a title holding "::" survives.
+        parts = line.split("::")
+        if len(parts) < 3:
+            raise DataError(str(movie_path), f"expected 3 '::'-separated fields, got {len(parts)}",
+                            record=f"line {n}", field="genres" if len(parts) == 2 else "title")
+        mid, title, genres = parts[0], "::".join(parts[1:-1]), parts[-1]
+        movies[mid] = movie_text(title.strip(), genres.split("|"))
+    data_path, ratings = root / "ratings.dat", []
+    for n, line in iter_lines(data_path):
+        if not line.strip():
+            continue
+        rec = f"line {n}"
+        uid, mid, rating, ts = _dat_fields(line, 4, data_path, n)
+        try:
+            value = float(rating)
+        except ValueError:
+            raise DataError(str(data_path), f"expected a number, got {rating!r}", record=rec, field="rating") from None
+        if not 0 < value <= 5:
+            raise DataError(str(data_path), f"rating {rating} outside 0.5..5", record=rec, field="rating")
+        ratings.append((uid, mid, round_rating(value), _int(ts, data_path, rec, "timestamp")))
+    demographics = {}
+    user_path = root / "users.dat"
+    if user_path.exists():
+        for n, line in iter_lines(user_path):
+            if not line.strip():
+                continue
+            uid, gender, age, occupation, zip_code = _dat_fields(line, 5, user_path, n)
+            code = int(occupation) if occupation.isdigit() else -1
+            demographics[uid] = {"age": age, "gender": gender,
+                                 "occupation": OCCUPATIONS_1M[code] if 0 <= code < len(OCCUPATIONS_1M) else occupation,
+                                 "zip": zip_code}
+    return movies, ratings, demographics
+
+
 def _csv_rows(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) pairs of a CSV file with a header naming ``columns``."""
     reader = csv.DictReader(_io.StringIO(io.read_text(path)))
@@ -140,14 +214,14 @@ def _read_csv(root: Path) -> tuple[dict[str, str], list[Rating], dict[str, dict[
 
 
 def load_movielens(path: str | Path, n_queries: int = 5) -> Dataset:
-    """Load MovieLens (100K or CSV layout) as the ``movielens`` rating task.
+    """Load MovieLens (100K, 1M or CSV layout) as the ``movielens`` rating task.
 
     Args:
         path: the MovieLens directory.
         n_queries: how many of each user's latest ratings become queries.
 
     Returns:
-        One user per MovieLens user, ordered by id; demographics (100K) in ``User.meta``.
+        One user per MovieLens user, ordered by id; demographics (100K, 1M) in ``User.meta``.
 
     Raises:
         DataError: a missing file, a malformed line, a rating of an unknown movie.
@@ -155,9 +229,11 @@ def load_movielens(path: str | Path, n_queries: int = 5) -> Dataset:
     root = Path(path)
     layout = movielens_layout(root)
     if layout is None:
-        raise DataError(str(root), "not a MovieLens directory: expected u.data or ratings.csv + movies.csv")
-    movies, ratings, demographics = _read_100k(root) if layout == "100k" else _read_csv(root)
-    data_file = str(root / ("u.data" if layout == "100k" else "ratings.csv"))
+        raise DataError(str(root), "not a MovieLens directory: expected u.data, ratings.dat, "
+                                   "or ratings.csv + movies.csv")
+    read = {"100k": _read_100k, "1m": _read_1m, "csv": _read_csv}[layout]
+    movies, ratings, demographics = read(root)
+    data_file = str(root / RATINGS_FILE[layout])
     by_user: dict[str, list[Rating]] = {}
     for r in ratings:
         if r[1] not in movies:
