@@ -37,7 +37,7 @@ from benchmarks.common import (BenchConfig, Dims, Timer, batch_stats, make_data,
 from properlm.model.proper import completion_nll
 from properlm.train.examples import collate
 from properlm.train.multiuser import MultiUserSpec, run_multiuser
-from properlm.train.precision import autocast
+from properlm.model.device import autocast
 
 
 def multiuser_spec(cfg: BenchConfig, shared: dict, n_users: int, per_user_batch: int = 1) -> MultiUserSpec:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from properlm.model.proper import ProperModel, completion_nll
-from properlm.train.config import DataConfig, GroupConfig, PopulationConfig, RunConfig, UserConfig
+from properlm.run_config import DataConfig, GroupConfig, PopulationConfig, RunConfig, UserConfig
 from properlm.train.examples import Example, collate, encode
 
 torch.set_num_threads(1)
@@ -163,8 +163,26 @@ def add_random_users(pm: ProperModel, users, r: int = 4, lora_aware_router: bool
     pm.eval()
 
 
+def bank_files(run_dir, bank: str) -> dict[str, bytes]:
+    """Every file of the user bank ``RUN/store/<bank>`` (relative path -> bytes), to compare byte for byte."""
+    from pathlib import Path
+
+    root = Path(run_dir) / "store" / bank
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def bank_user(run_dir, bank: str, user: str, parts=("params", "adamw")) -> dict[str, torch.Tensor]:
+    """One user's tensors in a bank, flattened to ``part.name -> tensor``."""
+    from properlm.store.run import open_bank
+
+    got = open_bank(run_dir, bank).get(user, parts)
+    return {f"{p}.{k}": v for p, d in got.items() for k, v in d.items()}
+
+
 @pytest.fixture(scope="session")
 def h():
     """The helpers above, as a fixture (tests do not import conftest)."""
     return SimpleNamespace(prompt=prompt, make_examples=make_examples, small_cfg=small_cfg, randomize_=randomize_,
-                           add_random_users=add_random_users, batch=batch, mean_nll=mean_nll)
+                           add_random_users=add_random_users, batch=batch, mean_nll=mean_nll, bank_files=bank_files,
+                           bank_user=bank_user)

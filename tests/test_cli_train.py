@@ -38,10 +38,10 @@ def test_train_refuses_to_overwrite_a_finished_stage(trained, capsys):
     assert err.startswith("properlm: error:") and "--resume" in err and "\n" not in err
 
 
-def test_resume_on_a_finished_run_is_a_no_op(trained):
-    before = (trained / "user" / "user_loras.safetensors").read_bytes()
+def test_resume_on_a_finished_run_is_a_no_op(trained, h):
+    before = h.bank_files(trained, "lora")
     assert main(["train", "--all", "--out", str(trained), "--resume"]) == 0
-    assert (trained / "user" / "user_loras.safetensors").read_bytes() == before
+    assert h.bank_files(trained, "lora") == before
 
 
 def test_bad_override_is_one_line_exit_2(tmp_path, capsys):
@@ -57,11 +57,21 @@ def test_later_stage_needs_the_earlier_one(tmp_path, capsys):
     assert "needs stage population" in capsys.readouterr().err
 
 
-def test_generate_for_known_and_unknown_users(trained, capsys):
+def test_generate_says_which_model_answered_and_refuses_unknown_users(trained, capsys):
     split = json.loads((trained / "split.json").read_text())
-    for user in (split["target"][0], split["train"][0], "nobody"):
-        assert main(["generate", "--run", str(trained), "--user", user, "--max-new-tokens", "2", "hello"]) == 0
-    capsys.readouterr()
+    target = split["target"][0]
+    assert main(["generate", "--run", str(trained), "--user", target, "--max-new-tokens", "2", "hello"]) == 0
+    assert f"personalized for {target}" in capsys.readouterr().err
+    assert main(["generate", "--run", str(trained), "--user", "base", "--max-new-tokens", "2", "hello"]) == 0
+    assert "non-personalized" in capsys.readouterr().err
+    # A mistyped id (or a stage-2 user without a LoRA) is an error naming it, not a silent fallback...
+    for user in ("nobody", split["train"][0]):
+        assert main(["generate", "--run", str(trained), "--user", user, "--max-new-tokens", "2", "hello"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"unknown user '{user}'" in err and "\n" not in err
+    # ... unless the caller asks for the fallback, and then the answer says so.
+    assert main(["generate", "--run", str(trained), "--user", "nobody", "--fallback", "--max-new-tokens", "2", "x"]) == 0
+    assert "non-personalized model (nobody has no personalized model)" in capsys.readouterr().err
     assert main(["generate", "--run", str(trained / "missing"), "--user", "u", "q"]) == 2
 
 
@@ -73,34 +83,37 @@ def test_every_command_has_help(capsys):
         assert "usage:" in capsys.readouterr().out
 
 
-def test_users_add_trains_only_the_new_user_and_delete_removes_them(tmp_path):
+def test_users_add_trains_only_the_new_user_and_delete_removes_them(tmp_path, h):
     import shutil
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from properlm.store.run import open_bank
 
     run = tmp_path / "run"
     assert main(["train", "--all", "--out", str(run), *TINY]) == 0
     split = json.loads((run / "split.json").read_text())
     newcomer = split["train"][0]  # has history in the run's data but no LoRA yet
-    path = run / "user" / "user_loras.safetensors"
-    before = load_file(str(path))
+    before = h.bank_files(run, "lora")
+    earlier = {u: h.bank_user(run, "lora", u) for u in split["target"]}
+    split_before = (run / "split.json").read_bytes()
     assert main(["users", "add", "--run", str(run), "--users", newcomer]) == 0
-    after = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        ids = json.loads(f.metadata()["user_ids"])
-    assert ids[-1] == newcomer and len(ids) == len(split["target"]) + 1
-    for k, v in before.items():  # existing users: bit for bit
-        assert torch.equal(after[k][: len(ids) - 1], v), k
-    assert any(not torch.equal(after[k][-1], torch.zeros_like(after[k][-1])) for k in after if k.endswith("lora_B"))
-    assert newcomer in json.loads((run / "split.json").read_text())["target"]
+    bank = open_bank(run, "lora")
+    assert sorted(bank.users()) == sorted(split["target"] + [newcomer])
+    after = h.bank_files(run, "lora")
+    for f, data in before.items():  # existing users' files: byte for byte
+        if not f.endswith("index.json"):
+            assert after.get(f) == data, f
+    for u, t in earlier.items():
+        got = h.bank_user(run, "lora", u)
+        assert all(torch.equal(got[k], v) for k, v in t.items()), u
+    new = h.bank_user(run, "lora", newcomer)
+    assert any(v.abs().max() > 0 for k, v in new.items() if k.endswith("lora_B"))
+    assert (run / "split.json").read_bytes() == split_before, "adding a user rewrites no run-wide file"
+    assert not (run / "checkpoints" / "add-users").exists() or not any((run / "checkpoints" / "add-users").iterdir())
 
     assert main(["users", "delete", "--run", str(run), "--users", newcomer, split["target"][0]]) == 0
-    with safe_open(str(path), "pt") as f:
-        left = json.loads(f.metadata()["user_ids"])
+    left = sorted(bank.users())
     assert newcomer not in left and split["target"][0] not in left
-    with safe_open(str(run / "group" / "user_embeddings.safetensors"), "pt") as f:
-        assert newcomer not in json.loads(f.metadata()["user_ids"])
+    assert newcomer not in open_bank(run, "emb")
     from properlm import load_run
     assert split["target"][0] not in load_run(run).users
     shutil.rmtree(run)

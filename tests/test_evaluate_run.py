@@ -17,14 +17,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from properlm.errors import ProperError
 from properlm.evaluate import baselines, figures
 from properlm.evaluate.commands import register
 from properlm.evaluate.evaluate import METHODS, evaluate_run, load_targets
 from properlm.evaluate.report import report
-from properlm.train.config import DataConfig, GroupConfig, PopulationConfig, RunConfig, UserConfig
+from properlm.run_config import DataConfig, GroupConfig, PopulationConfig, RunConfig, UserConfig
+from properlm.store.run import open_bank
 from properlm.train.run import train
 
 pytestmark = pytest.mark.slow
@@ -32,20 +32,20 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, h):
     root = tmp_path_factory.mktemp("eval")
     cfg = RunConfig(base_model="tiny-random", progress=False, data=DataConfig(synth_users=12, n_targets=3, max_len=64),
                     population=PopulationConfig(max_steps=3), group=GroupConfig(max_steps=3),
                     user=UserConfig(max_steps=3))
     main, plain = root / "main", root / "plain"
     train(cfg, main)
-    user_loras = (main / "user" / "user_loras.safetensors").read_bytes()
+    user_loras = h.bank_files(main, "lora")
     result = evaluate_run(main, max_new_tokens=3, profile_max_new_tokens=6, batch_size=8, progress=False)
     shutil.copytree(main / "population", plain / "population")
     train(replace(cfg, group=GroupConfig(max_steps=3, router="text", constraint_weight=0.0)), plain,
           stages=("population", "group"))
     evaluate_run(plain, methods=["stage2"], max_new_tokens=3, progress=False)
-    return SimpleNamespace(root=root, main=main, plain=plain, cfg=cfg, result=result, user_loras=user_loras)
+    return SimpleNamespace(root=root, main=main, plain=plain, cfg=cfg, result=result, user_loras=user_loras, h=h)
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -79,15 +79,16 @@ def test_oppu_baselines_are_saved_apart_from_stage_3(run):
     _, _, targets = load_targets(run.main)
     for kind, part in (("oppu-kv", "self_attn."), ("oppu-mlp", "mlp.")):
         d = run.main / "baselines" / kind
-        with safe_open(str(d / "user" / "user_loras.safetensors"), "pt") as f:
-            assert json.loads(f.metadata()["user_ids"]) == sorted(u.id for u in targets)
-            keys = list(f.keys())
+        bank = open_bank(run.main, kind)
+        assert sorted(bank.users()) == sorted(u.id for u in targets)
+        keys = list(bank.get(targets[0].id)["params"])
         assert keys and all(part in k for k in keys)
-        assert json.loads((d / "baseline.json").read_text())["params_per_user"] > 0
+        meta = json.loads((d / "baseline.json").read_text())
+        assert meta["params_per_user"] > 0 and "users" not in meta  # the bank is the one list of users
         assert (d / "logs" / f"{kind}.jsonl").exists() and not (d / "checkpoints").exists()
     kv = json.loads((run.main / "baselines" / "oppu-kv" / "baseline.json").read_text())
     assert kv["targets"] == ["self_attn.k_proj", "self_attn.v_proj"]
-    assert (run.main / "user" / "user_loras.safetensors").read_bytes() == run.user_loras  # stage 3 untouched
+    assert run.h.bank_files(run.main, "lora") == run.user_loras  # stage 3 untouched
 
 
 def test_pag_profiles_are_cached_per_user(run, monkeypatch):

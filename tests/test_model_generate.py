@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from properlm.model.generate import generate
-from properlm.train.examples import encode_prompt
+from properlm.model.prompts import encode_prompt
 from properlm.train.user import train_users
 
 # Same prompt for several users, different lengths (left padding), rows with and without users.

@@ -8,7 +8,8 @@ import torch
 from properlm.errors import ModelError
 from properlm.model.base import load_base
 from properlm.model.proper import ProperModel
-from properlm.train.precision import autocast, frozen_bf16
+from properlm.model.device import autocast
+from properlm.model.precision import frozen_bf16
 
 
 def test_frozen_bf16_gives_autocast_numbers_and_restores_float32(fresh_lm, tok):

@@ -41,7 +41,7 @@ def test_evaluate_run_scores_references_without_a_model(tmp_path):
     from properlm.evaluate.evaluate import evaluate_run
     from properlm.evaluate.metrics import score
     from properlm.io import write_json
-    from properlm.train.config import DataConfig, RunConfig
+    from properlm.run_config import DataConfig, RunConfig
 
     fixture = Path(__file__).parent / "fixtures" / "lamp3"
     ds = load_dataset(fixture)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from properlm.config import to_dict
 from properlm.evaluate.report import (ablation_flags, build_tables, efficiency_rows, markdown_table, report,
                                       run_kind, stage_timing)
-from properlm.train.config import DataConfig, GroupConfig, RunConfig, UserConfig
+from properlm.run_config import DataConfig, GroupConfig, RunConfig, UserConfig
 
 
 def _result(name: str, mae: float, data=None, group=None, user=None, methods=("stage1", "proper"), extra=None) -> dict:
@@ -92,9 +92,12 @@ def test_efficiency_from_saved_tensors_and_log_timestamps(tmp_path):
     save_file({"l.lora_A": torch.zeros(8, 16), "l.lora_B": torch.zeros(16, 8)}, str(run / "population" / "adapter_model.safetensors"))
     save_file({"s.experts.lora_A": torch.zeros(10, 16), "s.router.w_text.weight": torch.zeros(5, 16),
                "s.router.fallback_emb": torch.zeros(4)}, str(run / "group" / "experts.safetensors"))
-    save_file({"s.user_emb": torch.zeros(4, 4)}, str(run / "group" / "user_embeddings.safetensors"),
-              metadata={"user_ids": json.dumps(["a", "b", "c", "d"])})
-    save_file({"s.lora_A": torch.zeros(2, 3, 16)}, str(run / "user" / "user_loras.safetensors"))
+    from properlm.store.user_store import UserStore
+
+    emb = UserStore(run / "store" / "emb", schema={"params": {"s.user_emb": (4,)}})
+    emb.put_many({u: {"params": {"s.user_emb": torch.zeros(4)}} for u in ["a", "b", "c", "d", "x"]})  # x: fitted unseen
+    lora = UserStore(run / "store" / "lora", schema={"params": {"s.lora_A": (3, 16)}})
+    lora.put_many({u: {"params": {"s.lora_A": torch.zeros(3, 16)}} for u in ["x", "y"]})
     for stage, times in (("population", [100.0, 104.0, 108.0]), ("user", [10.0, 11.0])):
         (run / "logs" / f"{stage}.jsonl").write_text(
             "".join(json.dumps({"stage": stage, "step": i + 1, "time": t}) + "\n" for i, t in enumerate(times)))

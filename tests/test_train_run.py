@@ -12,11 +12,23 @@ from safetensors.torch import load_file
 
 import properlm.train.loop as loop
 import properlm.train.run as run_mod
+from properlm.store.run import load_model, open_bank
 from properlm.train.loop import RunLogger, load_checkpoint, save_checkpoint
-from properlm.train.run import build_model, train
+from properlm.train.run import train
 
-OUTPUTS = ("population/adapter_model.safetensors", "group/experts.safetensors", "group/user_embeddings.safetensors",
-           "user/user_loras.safetensors", "user/router.safetensors")
+OUTPUTS = ("population/adapter_model.safetensors", "group/experts.safetensors", "user/router.safetensors")
+BANKS = ("emb", "lora")
+
+
+def build_model(cfg, run_dir, upto):
+    return load_model(cfg, run_dir, upto)
+
+
+def bank_tensors(run_dir: Path, bank: str) -> dict[str, torch.Tensor]:
+    """Every user's tensors of a bank, as ``user/part.name -> tensor``."""
+    store = open_bank(run_dir, bank)
+    return {f"{u}/{p}.{k}": v for u in store.users() for p, d in store.get(u, ("params", "adamw")).items()
+            for k, v in d.items()}
 
 
 def run_cfg(h, **user):
@@ -63,6 +75,9 @@ def test_run_layout(reference):
     cfg, d, _ = reference
     for f in OUTPUTS + ("config.yaml", "split.json", "manifest.json"):
         assert (d / f).is_file(), f
+    split = json.loads((d / "split.json").read_text())
+    assert sorted(open_bank(d, "lora").users()) == sorted(split["target"])
+    assert set(split["train"]) <= set(open_bank(d, "emb").users())
     assert json.loads((d / "manifest.json").read_text())["stages_done"] == ["population", "group", "user"]
     for s in ("population", "group", "user"):
         assert len((d / "logs" / f"{s}.jsonl").read_text().splitlines()) == 6
@@ -78,7 +93,8 @@ def test_saved_run_reproduces_the_trained_model(reference, tok, h):
     # Stage 3: a batch mixing both target users and a row without a user LoRA.
     loaded, _ = build_model(cfg, d, "done")
     mem = models["user"]
-    assert loaded.user_loras.user_ids == mem.user_loras.user_ids == sorted(targets)
+    assert loaded.user_loras.cached == [], "loading a run reads no user"
+    assert sorted(loaded.user_loras.user_ids) == mem.user_loras.user_ids == sorted(targets)
     mixed = [targets[0], None, targets[1], targets[0]]
     got, want = _logits(loaded, tok, h, mixed, lora=True), _logits(mem, tok, h, mixed, lora=True)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
@@ -115,7 +131,7 @@ def test_saved_shared_embedding_run_reproduces_stage_2(reference, tok, h, tmp_pa
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "train_group", capture)
         train(cfg, tmp_path, stages=["group"])
-    assert list(load_file(str(tmp_path / "group" / "user_embeddings.safetensors"))) == ["user_emb"]
+    assert list(open_bank(tmp_path, "emb").schema["params"]) == ["user_emb"]
     loaded, _ = build_model(cfg, tmp_path, "user")
     loaded.eval()
     trainers = json.loads((tmp_path / "split.json").read_text())["train"]
@@ -141,7 +157,7 @@ def test_saved_run_without_lora_aware_router(reference, tok, h, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "train_users", capture)
         train(cfg, tmp_path, stages=["user"])
-    assert not (tmp_path / "user" / "router.safetensors").exists()
+    assert (tmp_path / "user").is_dir() and not (tmp_path / "user" / "router.safetensors").exists()
     loaded, _ = build_model(cfg, tmp_path, "done")
     assert all(s.router.kind == "user-aware" for s in loaded.sites.values())
     targets = json.loads((tmp_path / "split.json").read_text())["target"]
@@ -167,7 +183,7 @@ def test_saved_end_to_end_run_reproduces_the_trained_model(reference, tok, h, tm
         train(cfg, tmp_path)
     targets = json.loads((tmp_path / "split.json").read_text())["target"]
     loaded, _ = build_model(cfg, tmp_path, "done")
-    assert loaded.user_embs.user_ids == loaded.user_loras.user_ids == sorted(targets)
+    assert sorted(loaded.user_embs.user_ids) == sorted(loaded.user_loras.user_ids) == sorted(targets)
     mixed = [targets[1], None, targets[0]]
     for emb in (False, True):
         torch.testing.assert_close(_logits(loaded, tok, h, mixed, emb=emb, lora=True),
@@ -198,6 +214,11 @@ def _assert_same_outputs(d: Path, ref: Path) -> None:
         assert a.keys() == b.keys(), f
         for k in a:
             assert torch.equal(a[k], b[k]), f"{f} {k}: max diff {(a[k] - b[k]).abs().max()}"
+    for bank in BANKS:
+        a, b = bank_tensors(d, bank), bank_tensors(ref, bank)
+        assert a.keys() == b.keys(), bank
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{bank} {k}: max diff {(a[k].float() - b[k].float()).abs().max()}"
 
 
 @pytest.mark.slow
@@ -207,6 +228,8 @@ def test_interrupted_run_resumes_to_the_same_adapters(reference, h, tmp_path, st
     before = run_mod.STAGES[:run_mod.STAGES.index(stage)]
     for s in before:  # earlier stages as the uninterrupted run left them
         shutil.copytree(ref_dir / s, tmp_path / s)
+        if s == "group":
+            shutil.copytree(ref_dir / "store" / "emb", tmp_path / "store" / "emb")
     with pytest.MonkeyPatch.context() as mp:
         _interrupt_at(mp, stage, 5)
         with pytest.raises(Interrupted):
@@ -214,7 +237,9 @@ def test_interrupted_run_resumes_to_the_same_adapters(reference, h, tmp_path, st
     assert not (tmp_path / stage).exists(), "an interrupted stage has no output"
     ck = load_checkpoint(tmp_path / "checkpoints" / stage)
     assert ck is not None and ck[0] == 4
-    assert [p.name for p in (tmp_path / "checkpoints" / stage).glob("step-*")] == ["step-00000004"]
+    # the newest checkpoint and the one before it (to fall back to if the newest is corrupt)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / stage).glob("step-*")) == ["step-00000002",
+                                                                                          "step-00000004"]
     assert len((tmp_path / "logs" / f"{stage}.jsonl").read_text().splitlines()) == 5
 
     train(cfg, tmp_path, resume=True)
@@ -233,9 +258,10 @@ def test_finished_stages_are_refused_or_skipped(reference, h, tmp_path):
     d = tmp_path / "run"
     with pytest.raises(run_mod.ProperError):
         train(cfg, d)
-    stamp = {f: (d / f).stat().st_mtime_ns for f in OUTPUTS}
+    files = [*OUTPUTS, *(str(p.relative_to(d)) for p in (d / "store").rglob("*") if p.is_file())]
+    stamp = {f: (d / f).stat().st_mtime_ns for f in files}
     train(cfg, d, resume=True)
-    assert stamp == {f: (d / f).stat().st_mtime_ns for f in OUTPUTS}
+    assert stamp == {f: (d / f).stat().st_mtime_ns for f in files}
 
 
 # -- 10. checkpoints are atomic --------------------------------------------------------------------------
@@ -249,10 +275,11 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
     assert load_checkpoint(root) is None
     save_checkpoint(root, 2, {"w": torch.ones(3)}, {"optimizer": None, "n": 2})
     save_checkpoint(root, 4, {"w": torch.full((3,), 4.0)}, {"optimizer": None, "n": 4})
-    assert (root / "latest").read_text().strip() == "step-00000004"
-    assert _visible(root) == {"latest", "step-00000004"}  # only the newest is kept
+    save_checkpoint(root, 6, {"w": torch.full((3,), 6.0)}, {"optimizer": None, "n": 6})
+    assert (root / "latest").read_text().strip() == "step-00000006"
+    assert _visible(root) == {"latest", "step-00000004", "step-00000006"}  # the two newest are kept
     step, tensors, extra = load_checkpoint(root)
-    assert step == 4 and torch.equal(tensors["w"], torch.full((3,), 4.0)) and extra["n"] == 4
+    assert step == 6 and torch.equal(tensors["w"], torch.full((3,), 6.0)) and extra["n"] == 6
 
 
 @pytest.mark.parametrize("fail_in", ["save_file", "torch.save"])
@@ -305,7 +332,7 @@ def test_checkpoint_visible_only_once_complete(group_model, tok, h, tmp_path, mo
     cfg = h.small_cfg(checkpoint_every=1, user=dict(max_steps=3))
     train_users(cfg, tmp_path, group_model(), tok, h.make_examples({"ta": "love", "tb": "hate"}, n=3))
     assert events == ["tensors", "latest step-00000001", "tensors", "latest step-00000002"]
-    assert _visible(tmp_path / "checkpoints" / "user") == {"latest", "step-00000002"}
+    assert _visible(tmp_path / "checkpoints" / "user") == {"latest", "step-00000001", "step-00000002"}
 
 
 def _complete(root: Path) -> set[Path]:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from properlm.model.proper import ProperModel
 from properlm.train.group import train_group
-from properlm.train.population import merge_population, train_population
+from properlm.model.population import merge_population
+from properlm.train.population import train_population
 from properlm.train.user import train_users
 
 

@@ -28,7 +28,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     from properlm.config import load_config
     from properlm.evaluate.evaluate import evaluate_run
     from properlm.evaluate.report import markdown_table, report
-    from properlm.train.config import RunConfig
+    from properlm.run_config import RunConfig
     from properlm.train.run import train
 
     out = Path(out)

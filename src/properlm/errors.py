@@ -33,3 +33,28 @@ class ConfigError(ProperError):
 
 class ModelError(ProperError):
     """A base model that cannot be found or loaded (says how to get it)."""
+
+
+class UnknownUser(ProperError, KeyError):
+    """A user id with no personalized adapter where one was asked for (names the id).
+
+    Raised instead of silently answering with the non-personalized model: a
+    mistyped id must not look like a personalized answer. Callers that want the
+    non-personalized model for such ids ask for it explicitly (``fallback=True``).
+    """
+
+    def __init__(self, user_id: str, where: str = ""):
+        self.user_id = user_id
+        msg = f"unknown user {user_id!r}: no personalized adapter"
+        super().__init__(msg + (f" {where}" if where else ""))
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CorruptFile(ProperError):
+    """A file whose bytes do not match their recorded checksum (or do not parse); never loaded."""
+
+    def __init__(self, path, why: str = "checksum mismatch"):
+        self.path = str(path)
+        super().__init__(f"{path}: corrupt file ({why}); refusing to load it")

@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "experts-2": (("group.num_experts=2",), ("population",), _FINAL),
     "experts-8": (("group.num_experts=8",), ("population",), _FINAL),
 }
+#: the user banks a stage writes besides its directory
+_STAGE_BANKS = {"group": ("emb",)}
 #: groups of variants accepted by ``--only``
 GROUPS = {"ablations": ("text-router", "no-constraint", "loramoe", "no-lora-router", "end-to-end"),
           "experts": ("experts-2", "experts-8")}
@@ -81,7 +83,7 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     from properlm.demo import default_config
     from properlm.evaluate.evaluate import evaluate_run
     from properlm.io import read_json
-    from properlm.train.config import RunConfig
+    from properlm.run_config import RunConfig
     from properlm.train.run import train
 
     out = Path(out)
@@ -96,6 +98,12 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
         for stage in reuse:
             if not (run_dir / stage).exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
+                # A stage's user bank first: the stage directory is what marks it done.
+                for bank in _STAGE_BANKS.get(stage, ()):
+                    src = out / "main" / "store" / bank
+                    if src.exists():
+                        shutil.rmtree(run_dir / "store" / bank, ignore_errors=True)
+                        shutil.copytree(src, run_dir / "store" / bank)
                 shutil.copytree(out / "main" / stage, run_dir / stage)
         train(cfg, run_dir, resume=True)
         summary = run_dir / "eval" / "summary.json"

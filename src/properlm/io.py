@@ -1,7 +1,9 @@
 """Atomic file writes and strict JSON reading.
 
-Every file properlm writes goes to a temporary file in the same directory and
-is renamed into place, so an interrupted run never leaves a half-written file.
+Every file properlm writes goes to a temporary file in the same directory,
+is flushed to disk (fsync) and renamed into place, and the directory is
+fsynced, so neither an interrupted run nor a power cut leaves a half-written
+file under the final name.
 """
 
 from __future__ import annotations
@@ -32,11 +34,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield Path(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (a rename into it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -77,18 +99,54 @@ def read_json(path: str | os.PathLike) -> Any:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; it replaces ``path`` on success."""
+    """Yield a temporary directory beside ``path``; it replaces ``path`` on success.
+
+    The old directory is renamed aside first, the new one renamed in, and only
+    then is the old one deleted: at every moment either the old or the new
+    directory is complete under some name, and an interruption between the two
+    renames is repaired by :func:`recover_dir` (``path`` missing, its aside copy
+    present).
+    """
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_file(f)
+        aside = _aside(path)
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, aside)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _aside(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Finish an :func:`atomic_dir` swap that was interrupted between its two renames.
+
+    If ``path`` is missing but its aside copy exists, the aside copy (the old,
+    complete directory) is put back; if both exist, the aside copy is stale and
+    removed.
+    """
+    import shutil
+
+    path = Path(path)
+    aside = _aside(path)
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, path)

@@ -3,6 +3,8 @@
 ``properlm train --config configs/paper.yaml group.num_experts=8`` builds a
 :class:`RunConfig` from the YAML file and the dotted overrides; the run
 directory keeps the resolved config so a run can be reproduced or resumed.
+Training, loading a run for inference and serving all read it, so it sits
+below every layer that does.
 """
 
 from __future__ import annotations
@@ -150,7 +152,15 @@ class UserConfig:
         router_lr: learning rate of the shared router.
         users_per_step: users trained together in one batch.
         per_user_batch: examples of each user per step (paper/OPPU: 1).
-        epochs, max_steps: how long.
+        epochs: passes over each user's history.
+        max_steps: stop each cohort after this many steps (None: all epochs).
+        cohort_size: users trained together as one working set. Their LoRAs and AdamW
+            moments are in memory while they train and are written to the user store
+            when their cohort ends; peak memory grows with this, not with the number
+            of users. The shared router trains on through the cohorts in turn.
+        keep_optimizer: keep each user's AdamW moments in the store after training, so
+            that ``users add`` can refresh a user where their training stopped
+            (False: only the LoRA is kept, a third of the bytes).
         weight_decay: AdamW weight decay of the user LoRAs.
         end_to_end: the paper's end-to-end ablation: no separate stage 2; the group
             experts, the user-aware router (with an embedding per target user) and
@@ -168,11 +178,14 @@ class UserConfig:
     per_user_batch: int = 1
     epochs: int = 1
     max_steps: int | None = None
+    cohort_size: int = 256
+    keep_optimizer: bool = True
     weight_decay: float = 0.0
     end_to_end: bool = False
 
     def __post_init__(self):
         _check(self.r >= 1 and self.users_per_step >= 1 and self.per_user_batch >= 1, "user: r, users_per_step, per_user_batch must be >= 1")
+        _check(self.cohort_size >= 1, "user.cohort_size must be >= 1")
 
 
 @dataclass
@@ -184,10 +197,14 @@ class RunConfig:
         seed: seeds model init, data order and dropout.
         checkpoint_every: steps between checkpoints (each stage also saves at its end).
         max_grad_norm: gradient clipping (per user for user-owned parameters).
-        bf16: bfloat16 autocast for the forward pass (CPU and GPU); the frozen base
-            linears are held in bf16 while a stage trains (same numbers, fewer casts).
-        attention: "sdpa" (transformers' default) or "eager"; eager is faster on CPU
-            for short sequences (the demo's), sdpa for long ones and on GPU.
+        bf16: bfloat16 autocast for the forward pass, on the model's device; on the CPU
+            the frozen base linears are held in bf16 while a stage trains (same numbers,
+            fewer casts).
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        base_dtype: dtype of the frozen base weights: "auto" (bfloat16 on a GPU when
+            ``bf16`` is on, float32 otherwise), "float32" or "bfloat16".
+        attention: "auto" (eager on the CPU, sdpa on a GPU), "sdpa" or "eager"; eager
+            is faster on CPU for short sequences (the demo's), sdpa for long ones and on GPU.
         progress: show progress bars.
     """
 
@@ -196,7 +213,9 @@ class RunConfig:
     checkpoint_every: int = 50
     max_grad_norm: float = 1.0
     bf16: bool = False
-    attention: str = "sdpa"
+    device: str = "auto"
+    base_dtype: str = "auto"
+    attention: str = "auto"
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
@@ -205,6 +224,10 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
-        _check(self.attention in ("sdpa", "eager"), f"attention must be sdpa or eager, got {self.attention!r}")
+        _check(self.attention in ("auto", "sdpa", "eager"), f"attention must be auto, sdpa or eager, got {self.attention!r}")
+        _check(self.base_dtype in ("auto", "float32", "bfloat16"),
+               f"base_dtype must be auto, float32 or bfloat16, got {self.base_dtype!r}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 

@@ -10,8 +10,8 @@
   (rank, alpha, learning rate, steps), so OPPU and PROPER's stage 3 differ only
   in what lies under the user LoRA. Saved as::
 
-      RUN/baselines/oppu-kv/user/user_loras.safetensors   LoRA per target user (ids in the metadata)
-      RUN/baselines/oppu-kv/baseline.json                  targets, r, alpha, parameter counts, users
+      RUN/store/oppu-kv/                                   user bank: LoRA per target user (the user store)
+      RUN/baselines/oppu-kv/baseline.json                  targets, r, alpha, parameter counts (no user ids)
       RUN/baselines/oppu-kv/logs/oppu-kv.jsonl             training log (timings for the efficiency table)
 
 * PAG: a profile of each target user written by the bare base LLM from OPPU's
@@ -24,19 +24,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from properlm.data.schema import User
 from properlm.data.tasks import get_task
 from properlm.errors import ProperError
 from properlm.evaluate.retrieval import profile_prompt
 from properlm.io import read_json, write_json
-from properlm.model.base import load_base
 from properlm.model.generate import generate
 from properlm.model.proper import ATTN_KV_TARGETS, FFN_TARGETS, ProperModel
-from properlm.train.config import RunConfig
+from properlm.run_config import RunConfig
+from properlm.store.cache import UserCache
+from properlm.store.run import DEFAULT_CACHE_BYTES, load_model, open_bank
 from properlm.train.examples import user_examples
-from properlm.train.population import merge_population
 from properlm.train.user import train_users
 
 OPPU_TARGETS: dict[str, tuple[str, ...]] = {"oppu-kv": ATTN_KV_TARGETS, "oppu-mlp": FFN_TARGETS}
@@ -55,14 +53,16 @@ def _check_kind(kind: str) -> None:
 
 
 def oppu_trained(run_dir: str | Path, kind: str) -> bool:
-    """Whether ``RUN/baselines/<kind>`` holds trained user LoRAs."""
-    return (baseline_dir(run_dir, kind) / "user" / "user_loras.safetensors").exists()
+    """Whether the baseline is trained (``baseline.json`` is written last)."""
+    return (baseline_dir(run_dir, kind) / "baseline.json").exists() and open_bank(run_dir, kind) is not None
 
 
 def _merged_model(cfg: RunConfig, run_dir: Path, targets: tuple[str, ...]) -> tuple[ProperModel, object]:
     if not (run_dir / "population").exists():
         raise ProperError(f"{run_dir}: the OPPU baselines sit on the merged stage-1 model; train stage population first")
-    lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
+    from properlm.model.population import merge_population
+
+    lm, tok = load_model(cfg, run_dir, "population")
     return ProperModel(merge_population(lm, run_dir / "population"), targets=targets), tok
 
 
@@ -91,14 +91,21 @@ def train_oppu(cfg: RunConfig, run_dir: str | Path, kind: str, task: str, target
     examples = [e for u in targets for e in user_examples(task, u, history=True, queries=False)]
     if not examples:
         raise ProperError(f"{kind}: the target users have no history to train on")
-    # train_users saves into <its run_dir>/user: giving it the baseline dir keeps RUN/user untouched.
-    train_users(cfg, out, pm, tok, examples, resume=resume, train_router=False, stage=kind)
+    # Its LoRAs go to the bank RUN/store/<kind>; logs and checkpoints under RUN/baselines/<kind>.
+    train_users(cfg, run_dir, pm, tok, examples, resume=resume, train_router=False, stage=kind, bank=kind,
+                work_dir=out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    users = pm.user_loras.user_ids
-    per_user = sum(v[0].numel() for v in pm.user_loras.params.values())
+    per_user = sum(_numel(s) for s in pm.lora_shapes.values())
     write_json(out / "baseline.json", {"method": kind, "targets": list(OPPU_TARGETS[kind]), "r": cfg.user.r,
-                                       "alpha": cfg.user.alpha, "users": users, "params_per_user": per_user})
+                                       "alpha": cfg.user.alpha, "params_per_user": per_user})
     return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def run_task(run_dir: str | Path) -> str:
@@ -106,7 +113,8 @@ def run_task(run_dir: str | Path) -> str:
     return read_json(Path(run_dir) / "split.json")["task"]
 
 
-def load_oppu(cfg: RunConfig, run_dir: str | Path, kind: str) -> tuple[ProperModel, object]:
+def load_oppu(cfg: RunConfig, run_dir: str | Path, kind: str, cache_bytes: int = DEFAULT_CACHE_BYTES
+              ) -> tuple[ProperModel, object]:
     """The merged stage-1 model with the trained OPPU user LoRAs: ``(ProperModel, tokenizer)``."""
     _check_kind(kind)
     run_dir = Path(run_dir)
@@ -115,8 +123,9 @@ def load_oppu(cfg: RunConfig, run_dir: str | Path, kind: str) -> tuple[ProperMod
         raise ProperError(f"{out}: baseline {kind} is not trained (properlm evaluate trains it when missing)")
     meta = read_json(out / "baseline.json")
     pm, tok = _merged_model(cfg, run_dir, tuple(meta["targets"]))
-    pm.add_users(meta["users"], meta["r"], meta["alpha"], lora_aware_router=False, seed=cfg.seed)
-    pm.user_loras.load_state_tensors("", load_file(str(out / "user" / "user_loras.safetensors")))
+    pm.add_user_lora(meta["r"], meta["alpha"], lora_aware_router=False)
+    # Users come from the bank itself, on demand: there is no separate list to go stale.
+    pm.user_loras = UserCache(open_bank(run_dir, kind), pm.device, cache_bytes)
     pm.eval()
     return pm, tok
 
@@ -147,7 +156,7 @@ def user_profiles(cfg: RunConfig, run_dir: str | Path, users: list[User], sample
     todo = [u for u in users if u.id not in cache]
     if todo:
         task = get_task(run_task(run_dir))
-        lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
+        lm, tok = load_model(cfg, run_dir, "population")
         sampling = PROFILE_SAMPLING if sample else {}
         for s in tqdm(range(0, len(todo), batch_size), desc="pag profiles", disable=not progress, dynamic_ncols=True):
             chunk = todo[s:s + batch_size]

@@ -48,7 +48,7 @@ from properlm.evaluate import baselines
 from properlm.evaluate.metrics import score
 from properlm.evaluate.retrieval import pag_prompt, rag_prompt
 from properlm.io import read_json, write_json, write_text
-from properlm.train.config import RunConfig
+from properlm.run_config import RunConfig
 
 METHODS = ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")
 #: Rating tasks only: the user's and the item's mean rating (no model; see evaluate/references.py).
@@ -122,9 +122,20 @@ def score_predictions(task: Task | str, users: Sequence[User], predictions: dict
     return score(task.kind, preds, golds, task.labels), rows
 
 
-def lamp_predictions(task: Task, predictions: dict[str, str]) -> dict:
-    """Predictions in LaMP's gold layout: ``{"task": "LaMP_3", "golds": [{"id", "output"}]}``."""
-    return {"task": task.lamp_id, "golds": [{"id": k, "output": v} for k, v in predictions.items()]}
+def lamp_predictions(task: Task, predictions: dict[str, str], owners: dict[str, str] | None = None) -> dict:
+    """Predictions in LaMP's gold layout: ``{"task": "LaMP_3", "golds": [{"id", "output"}]}``.
+
+    With ``owners`` (query id -> user id) each entry also names its ``user_id`` (LaMP's
+    readers ignore it), so a user's rows can be found and removed when they are forgotten.
+    """
+    owners = owners or {}
+    return {"task": task.lamp_id, "golds": [{"id": k, "output": v, **({"user_id": owners[k]} if k in owners else {})}
+                                            for k, v in predictions.items()]}
+
+
+def query_owners(users: Sequence[User]) -> dict[str, str]:
+    """Query id -> user id."""
+    return {q.id: u.id for u in users for q in u.queries}
 
 
 # --- models and prompts -------------------------------------------------------------------------
@@ -136,7 +147,8 @@ def load_targets(run_dir: str | Path) -> tuple[RunConfig, Task, list[User]]:
     Histories are cut to the latest ``data.max_history`` items as in training;
     each user's full length is kept in ``user.meta["history_len"]``.
     """
-    from properlm.train.run import load_data, read_split
+    from properlm.store.run import read_split
+    from properlm.train.run import load_data
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -163,7 +175,7 @@ def _history_lengths(users: Sequence[User]) -> dict[str, int]:
 
 def _model(method: str, cfg: RunConfig, run_dir: Path, task: Task, targets: list[User]):
     """(model, tokenizer) for a method, training an OPPU baseline first when it is missing."""
-    from properlm.train.run import build_model
+    from properlm.store.run import load_model
 
     need = _STAGE_NEEDED[method]
     if not (run_dir / need).exists():
@@ -174,7 +186,7 @@ def _model(method: str, cfg: RunConfig, run_dir: Path, task: Task, targets: list
         model, tok = baselines.load_oppu(cfg, run_dir, method)
     else:
         upto = {"stage2": "user", "proper": "done"}.get(method, "group")
-        model, tok = build_model(cfg, run_dir, upto)
+        model, tok = load_model(cfg, run_dir, upto)
     model.eval()  # modules added after loading start in training mode (dropout on)
     return model, tok
 
@@ -204,7 +216,7 @@ def _rows(method: str, model, cfg: RunConfig, run_dir: Path, task: Task, targets
                 prompt = rag_prompt(task, prompt, u.history, k=rag_k, tok=tok, max_length=max(budget, 64))
                 prompt = pag_prompt(profile, prompt) if method == "pag" else prompt
             lora_user = u.id if method in ("proper", "oppu-kv", "oppu-mlp") else None
-            emb_user = u.id if method in ("stage2", "proper") and embs is not None and u.id in embs.user_ids else None
+            emb_user = u.id if method in ("stage2", "proper") and embs is not None and u.id in embs else None
             out.append((q.id, prompt, lora_user, emb_user))
     return out
 
@@ -261,8 +273,8 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     default = METHODS + (REFERENCE_METHODS if task.kind == "rating" else ())
     methods = list(dict.fromkeys(canonical_method(m) for m in (methods or default)))
     gold_qs = [q for u in targets for q in u.queries if q.gold is not None]
-    write_json(run_dir / "eval" / "golds.json",
-               {"task": task.lamp_id, "golds": [{"id": q.id, "output": q.gold} for q in gold_qs]})
+    owners = query_owners(targets)
+    write_json(run_dir / "eval" / "golds.json", lamp_predictions(task, {q.id: q.gold for q in gold_qs}, owners))
     settings = {"max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task.kind], "do_sample": sample,
                 "max_prompt_tokens": max_prompt_tokens, "bf16": cfg.bf16, "seed": cfg.seed,
                 **(OPPU_SAMPLING if sample else {})}
@@ -297,7 +309,7 @@ def _write_method(run_dir: Path, task: Task, targets: list[User], method: str, p
     """Write one method's predictions, scores and per-user scores; update the run's summary."""
     eval_dir = run_dir / "eval"
     out = eval_dir / method
-    write_json(out / "predictions.json", lamp_predictions(task, preds))
+    write_json(out / "predictions.json", lamp_predictions(task, preds, query_owners(targets)))
     entry = {"method": method, "task": task.name, "n_users": len(targets), "n_queries": len(preds), **extra,
              "metrics": {}}
     per_user: list[dict] = []

@@ -41,15 +41,18 @@ def _routed_users(run_dir: Path):
 
     The embedded users are the training users, or the targets in the end-to-end ablation.
     """
-    from properlm.config import load_config
-    from properlm.train.config import RunConfig
-    from properlm.train.run import load_data, read_split
+    from properlm.store.run import EMB, open_bank, read_config, read_split
+    from properlm.train.run import load_data
 
-    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    cfg = read_config(run_dir)
     ds = load_data(cfg)
     by_id = {u.id: u for u in ds.users}
-    emb = run_dir / "group" / "user_embeddings.safetensors"
-    ids = user_embeddings(run_dir)[0] if emb.exists() else read_split(run_dir)["train"]
+    split = read_split(run_dir)
+    # The stage-2 users: the training users (the targets in the end-to-end ablation),
+    # not the unseen users whose embeddings were fitted afterwards.
+    ids = split["target"] if cfg.user.end_to_end else split["train"]
+    if open_bank(run_dir, EMB) is None and cfg.user.end_to_end:
+        ids = split["train"]
     return cfg, ds.task, [by_id[i] for i in ids if i in by_id]
 
 
@@ -77,8 +80,8 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
     """
     import torch
 
+    from properlm.store.run import load_model
     from properlm.train.examples import collate, encode, user_examples
-    from properlm.train.run import build_model
 
     run_dir = Path(run_dir)
     experts = run_dir / "group" / "experts.safetensors"
@@ -88,8 +91,7 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
     if key in _ROUTING_CACHE:  # t-SNE, density and ARI all need it: one pass through the model
         return _ROUTING_CACHE[key]
     cfg, task, users = _routed_users(run_dir)
-    pm, tok = build_model(cfg, run_dir, "user")
-    pm.eval()
+    pm, tok = load_model(cfg, run_dir, "user")
     embs = pm.user_embs
     enc = [encode(tok, e, cfg.data.max_len) for u in users
            for e in user_examples(task, u, history=True, queries=False)[:max_examples]]
@@ -98,14 +100,14 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
     with torch.no_grad():
         for s in range(0, len(enc), batch_size):
             chunk = enc[s:s + batch_size]
-            b = collate(chunk, tok.pad_token_id)
+            b = collate(chunk, tok.pad_token_id, pm.device)
             ids = [e.user_id for e in chunk]
-            pm.bind(emb_users=[u if embs is not None and u in embs.user_ids else None for u in ids],
+            pm.bind(emb_users=[u if embs is not None and u in embs else None for u in ids],
                     token_mask=b["attention_mask"], record=True)
             pm.hidden_states(b["input_ids"], b["attention_mask"])
             routes = torch.stack(pm.state.routes, 1)                      # (B, sites, K)
             for uid, r in zip(ids, routes):
-                sums[uid] = sums.get(uid, 0) + r
+                sums[uid] = sums.get(uid, 0) + r.float().cpu()
                 counts[uid] = counts.get(uid, 0) + 1
     pm.state.clear()
     order = [u.id for u in users if u.id in sums]
@@ -114,18 +116,16 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
 
 
 def user_embeddings(run_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """Stage-2 user embeddings averaged over sites: ``(user ids, (U, d_e))``."""
-    import json
+    """Stage-2 embeddings of the stage-2 users, averaged over sites: ``(user ids, (U, d_e))``."""
+    from properlm.store.run import EMB, open_bank
 
-    from safetensors import safe_open
-
-    path = Path(run_dir) / "group" / "user_embeddings.safetensors"
-    if not path.exists():
-        raise ProperError(f"{path}: no stage-2 user embeddings (a text-router run has none)")
-    with safe_open(str(path), "np") as f:
-        ids = json.loads(f.metadata()["user_ids"])
-        embs = np.stack([f.get_tensor(k) for k in f.keys()])             # (sites, U, d_e)
-    return ids, embs.mean(0)
+    bank = open_bank(run_dir, EMB)
+    if bank is None:
+        raise ProperError(f"{Path(run_dir) / 'store' / EMB}: no stage-2 user embeddings (a text-router run has none)")
+    _, _, users = _routed_users(Path(run_dir))
+    ids = [u.id for u in users if u.id in bank]
+    embs = [np.stack([t.numpy() for _, t in sorted(bank.get(i)["params"].items())]).mean(0) for i in ids]
+    return ids, np.stack(embs)                                            # (U, d_e)
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -259,7 +259,7 @@ def make_figures(main: dict, plain: dict | None, out_dir: str | Path, prefix: st
     run = Path(main["run_dir"])
     if not (run / "group").exists():
         return figs, ari
-    if (run / "group" / "user_embeddings.safetensors").exists():
+    if (run / "store" / "emb" / "bank.json").exists():
         figs["tsne"] = plot_tsne(run, out / f"{prefix}tsne.png")
     runs = {"PROPER (user-aware router + constraint)": run}
     if plain is not None and (Path(plain["run_dir"]) / "group").exists():

@@ -154,12 +154,21 @@ def _numel(path: Path, skip: str = "fallback_emb") -> int:
     return total
 
 
-def _n_users(path: Path) -> int:
-    """Users of a stacked per-user bank (ids in the safetensors metadata); 0 when absent."""
-    if not path.exists():
-        return 0
-    with safe_open(str(path), "pt") as f:
-        return len(json.loads((f.metadata() or {}).get("user_ids", "[]")))
+def _bank_numel(run: Path, bank: str) -> tuple[int, int]:
+    """(parameters per user, users) of a user bank of the run; (0, 0) when absent."""
+    from properlm.store.run import open_bank
+
+    store = open_bank(run, bank)
+    if store is None:
+        return 0, 0
+    return store.user_bytes("params") // 4, len(store)
+
+
+def _config(run: Path) -> dict:
+    import yaml
+
+    p = run / "config.yaml"
+    return yaml.safe_load(p.read_text(encoding="utf-8")) or {} if p.exists() else {}
 
 
 def stage_timing(log: Path) -> tuple[int, float | None]:
@@ -179,22 +188,24 @@ def efficiency_rows(run_dir: str | Path) -> list[dict]:
     split_path = run / "split.json"
     split = json.loads(split_path.read_text()) if split_path.exists() else {"train": [], "target": []}
     n_train, n_target = len(split["train"]), len(split["target"])
-    emb_path = run / "group" / "user_embeddings.safetensors"
-    emb = _numel(emb_path)
-    n_emb = _n_users(emb_path)  # the training users (the targets in the end-to-end ablation)
-    lora = _numel(run / "user" / "user_loras.safetensors")
+    emb_each, _ = _bank_numel(run, "emb")
+    # The stage-2 users (training users; the targets in the end-to-end ablation), not the
+    # unseen users whose embeddings were fitted afterwards.
+    e2e = bool(_config(run).get("user", {}).get("end_to_end"))
+    n_emb = (n_target if e2e else n_train) if emb_each else 0
+    lora_each, _ = _bank_numel(run, "lora")
     specs = [
         ("population", run / "logs" / "population.jsonl", _numel(run / "population" / "adapter_model.safetensors"),
          None, n_train),
-        ("group", run / "logs" / "group.jsonl", _numel(run / "group" / "experts.safetensors") + emb,
-         emb // n_emb if emb and n_emb else None, n_emb or n_train),
-        ("user", run / "logs" / "user.jsonl", lora + _numel(run / "user" / "router.safetensors"),
-         lora // n_target if lora and n_target else None, n_target),
+        ("group", run / "logs" / "group.jsonl", _numel(run / "group" / "experts.safetensors") + emb_each * n_emb,
+         emb_each or None, n_emb or n_train),
+        ("user", run / "logs" / "user.jsonl", lora_each * n_target + _numel(run / "user" / "router.safetensors"),
+         lora_each or None, n_target),
     ]
     for kind in ("oppu-kv", "oppu-mlp"):
         d = run / "baselines" / kind
-        n = _numel(d / "user" / "user_loras.safetensors")
-        specs.append((kind, d / "logs" / f"{kind}.jsonl", n, n // n_target if n and n_target else None, n_target))
+        each, _ = _bank_numel(run, kind)
+        specs.append((kind, d / "logs" / f"{kind}.jsonl", each * n_target, each or None, n_target))
     rows = []
     for stage, log, params, per_user, n_users in specs:
         steps, secs = stage_timing(log)

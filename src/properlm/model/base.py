@@ -108,37 +108,54 @@ def tiny_random_config(vocab_size: int = 49152) -> LlamaConfig:
     )
 
 
-ATTENTION = ("sdpa", "eager")
+ATTENTION = ("auto", "sdpa", "eager")
 
 
-def load_base(spec: str = DEFAULT_BASE, seed: int = 0, attention: str = "sdpa") -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
-    """Load a base causal LM and its tokenizer, in float32, in eval mode.
+def attention_for(attention: str, device: torch.device) -> str:
+    """``"auto"``: eager on the CPU (faster for the short sequences properlm trains on,
+    docs/benchmarks.md), SDPA on a GPU; otherwise as given."""
+    if attention == "auto":
+        return "eager" if device.type == "cpu" else "sdpa"
+    return attention
+
+
+def load_base(spec: str = DEFAULT_BASE, seed: int = 0, attention: str = "sdpa", dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Load a base causal LM and its tokenizer, in eval mode, on ``device``.
 
     Args:
         spec: ``"smollm2"``, ``"tiny-random"``, a HF model directory or a ``.gguf`` path.
         seed: initialisation seed for ``tiny-random``.
-        attention: transformers' attention implementation, ``"sdpa"`` (its default)
-            or ``"eager"`` (faster for short sequences on CPU, see docs/benchmarks.md).
+        attention: transformers' attention implementation, ``"sdpa"`` (its default),
+            ``"eager"`` (faster for short sequences on CPU, see docs/benchmarks.md) or
+            ``"auto"`` (eager on the CPU, sdpa on a GPU).
+        dtype: the weights' dtype, applied while loading (a 7B base in bfloat16 never
+            exists in float32 in memory).
+        device: where the model is put.
 
     Raises:
         ModelError: when the model cannot be found, with how to get it.
     """
+    device = torch.device(device)
+    if attention not in ATTENTION:
+        raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     tok = load_tokenizer(spec)
     if spec == "tiny-random":
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(tiny_random_config(len(tok)))
+            model = LlamaForCausalLM(tiny_random_config(len(tok))).to(dtype)
     else:
         path = _smollm2_dir() if spec == "smollm2" else Path(spec)
         if not path.exists():
             raise ModelError(f"base model {spec!r} not found: give a Hugging Face model directory or a .gguf file "
                              f"(nothing is downloaded), or use the embedded 'smollm2' ({_INSTALL_HINT})")
+        # On a GPU the weights go straight there (device_map), never through a host copy.
+        where = {"device_map": str(device)} if device.type != "cpu" else {}
         if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **where)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if attention not in ATTENTION:
-        raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    model.set_attn_implementation(attention)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **where)
+    model.set_attn_implementation(attention_for(attention, device))
+    model.to(device)
     model.eval()
     return model, tok

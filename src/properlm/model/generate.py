@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from properlm.model.proper import ProperModel
-from properlm.train.examples import encode_prompt
-from properlm.train.precision import autocast
+from properlm.model.prompts import encode_prompt
+from properlm.model.device import autocast, device_of
 
 
 @torch.no_grad()
@@ -43,20 +43,23 @@ def generate(model, tok, prompts: list[str], lora_users: list[str | None] | None
     if not (len(lora_users) == len(emb_users) == n):
         raise ValueError("prompts, lora_users and emb_users must have the same length")
     lm = model.lm if isinstance(model, ProperModel) else model
+    device = device_of(lm)
     stop = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])
     out: list[str] = []
     torch.manual_seed(seed)
     for s in range(0, n, batch_size):
         enc = [encode_prompt(tok, p, max_prompt_tokens) for p in prompts[s:s + batch_size]]
         t = max(len(e) for e in enc)
-        ids = torch.full((len(enc), t), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), t), dtype=torch.long)
+        cpu = torch.device("cpu")
+        ids = torch.full((len(enc), t), tok.pad_token_id, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(enc), t), dtype=torch.long, device=cpu)
         for i, e in enumerate(enc):  # left padding, so every row's next token is at the end
-            ids[i, t - len(e):] = torch.tensor(e)
+            ids[i, t - len(e):] = torch.tensor(e, device=cpu)
             mask[i, t - len(e):] = 1
+        ids, mask = ids.to(device), mask.to(device)
         if isinstance(model, ProperModel):
             model.bind(emb_users=emb_users[s:s + batch_size], lora_users=lora_users[s:s + batch_size])
-        with autocast(bf16):
+        with autocast(bf16, device):
             gen = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                               do_sample=do_sample, temperature=temperature if do_sample else None,
                               top_p=top_p if do_sample else None, top_k=top_k if do_sample else None,

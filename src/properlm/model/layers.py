@@ -55,16 +55,22 @@ class Router(nn.Module):
       - ``"text"``: ``W_t x`` (plain LoRAMoE);
       - ``"user-aware"``: ``W_t x + W_u e_u`` (stage 2); rows with no embedding
         use the mean of the learned user embeddings (``fallback_emb``);
-      - ``"lora-aware"``: ``W_x x + W_l (A_u x)`` (stage 3), shared by all users.
+      - ``"lora-aware"``: ``W_x x + W_e e_u + W_l (A_u x)`` (stage 3), shared by all
+        users. ``W_e e_u`` is stage 2's user term carried over (``d_emb > 0``, when
+        stage 2 had a user-aware router): with the user's LoRA at zero and ``W_l = 0``
+        the router is exactly the stage-2 router of that user (their stage-2
+        embedding, or the fallback for a user without one), so stage 3 starts where
+        stage 2 ends.
 
     Args:
         d_in: input width of the wrapped linear.
         num_experts: K.
         kind: one of :data:`ROUTERS`.
         d_user: width of the user embedding (user-aware) or the user LoRA rank (lora-aware).
+        d_emb: lora-aware only: width of the stage-2 embedding term (0: none).
     """
 
-    def __init__(self, d_in: int, num_experts: int, kind: str, d_user: int = 0):
+    def __init__(self, d_in: int, num_experts: int, kind: str, d_user: int = 0, d_emb: int = 0):
         super().__init__()
         if kind not in ROUTERS:
             raise ValueError(f"router kind must be one of {ROUTERS}, got {kind!r}")
@@ -72,18 +78,36 @@ class Router(nn.Module):
         self.w_text = nn.Linear(d_in, num_experts, bias=False)
         self.w_user = nn.Linear(d_user, num_experts, bias=False) if kind != "text" else None
         if self.w_user is not None and kind == "lora-aware":
-            nn.init.zeros_(self.w_user.weight)  # starts as the text router it was copied from
+            nn.init.zeros_(self.w_user.weight)  # starts as the stage-2 router it was copied from
+        d_fallback = d_user if kind == "user-aware" else (d_emb if kind == "lora-aware" else 0)
+        self.w_emb = nn.Linear(d_emb, num_experts, bias=False) if kind == "lora-aware" and d_emb > 0 else None
         # Mean of the stage-2 embeddings, set after stage 2: the routing of users never seen there.
-        self.register_buffer("fallback_emb", torch.zeros(d_user if kind == "user-aware" else 0))
+        self.register_buffer("fallback_emb", torch.zeros(d_fallback))
 
-    def forward(self, x: torch.Tensor, user_signal: torch.Tensor | None) -> torch.Tensor:
-        """Routing weights (B, T, K) for x (B, T, d_in); ``user_signal`` is (B, d_e) or (B, T, r)."""
+    @property
+    def reads_embedding(self) -> bool:
+        """Whether the logits have a stage-2 user-embedding term."""
+        return self.kind == "user-aware" or self.w_emb is not None
+
+    def _emb_term(self, w: nn.Linear, e: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        e = e if e is not None else self.fallback_emb.expand(x.shape[0], -1)
+        return w(e).unsqueeze(1)  # (B, 1, K), broadcast over tokens
+
+    def forward(self, x: torch.Tensor, user_signal: torch.Tensor | None, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing weights (B, T, K) for x (B, T, d_in).
+
+        ``user_signal``: (B, d_e) embeddings (user-aware) or (B, T, r) LoRA projections
+        (lora-aware); ``emb``: (B, d_e) stage-2 embeddings for the lora-aware router's
+        carried-over term. None: the fallback embedding / no LoRA term.
+        """
         logits = self.w_text(x)
         if self.kind == "user-aware":
-            e = user_signal if user_signal is not None else self.fallback_emb.expand(x.shape[0], -1)
-            logits = logits + self.w_user(e).unsqueeze(1)  # (B, 1, K) broadcast over tokens
-        elif self.kind == "lora-aware" and user_signal is not None:
-            logits = logits + self.w_user(user_signal)  # (B, T, K)
+            logits = logits + self._emb_term(self.w_user, user_signal, x)
+        elif self.kind == "lora-aware":
+            if self.w_emb is not None:
+                logits = logits + self._emb_term(self.w_emb, emb, x)
+            if user_signal is not None:
+                logits = logits + self.w_user(user_signal)  # (B, T, K)
         return torch.softmax(logits.float(), dim=-1).to(x.dtype)
 
 
@@ -99,6 +123,7 @@ class LoraDropout(nn.Module):
     0.0508, 0.1 -> 0.1016), else 16-bit (0.01 -> 655/65536 = 0.009995). The
     survivors are scaled by the exact 1/(1-p) of the rounded p (``p_used``).
     The draws come from torch's global generator: seeded runs stay deterministic.
+    On a GPU it is plain ``F.dropout`` with the exact p.
     """
 
     def __init__(self, p: float):
@@ -125,6 +150,10 @@ class LoraDropout(nn.Module):
         """
         if not self.training or self.threshold == 0:
             return x, 1.0
+        if x.device.type != "cpu":
+            # The cheap mask is a CPU trick (one generator call per four elements on a single
+            # thread); on a GPU the fused dropout kernel is fast and uses p exactly.
+            return F.dropout(x, self.p, training=True), 1.0
         n, per = x.numel(), 32 // self.bits
         draws = torch.empty((n + per - 1) // per, dtype=torch.int32, device=x.device).random_(-2**31, 2**31)
         if self.bits == 8:
@@ -219,8 +248,11 @@ class ProperLinear(nn.Module):
                 lora_h = lora_h * scale
             y = torch.baddbmm(y, lora_h, b.transpose(1, 2).to(y.dtype), alpha=self.user_scaling)
         if self.experts is not None:
-            signal = lora_h if self.router.kind == "lora-aware" else self.state.user_emb.get(self.site)
-            gates = self.router(x, signal)                                   # (B, T, K)
+            emb = self.state.user_emb.get(self.site)                         # (B, d_e) or None: fallback
+            if self.router.kind == "lora-aware":
+                gates = self.router(x, lora_h, emb)                          # (B, T, K)
+            else:
+                gates = self.router(x, emb)
             y = self.experts(xd, gates, out=y, in_scale=scale)
             if self.state.record:
                 m = self.state.token_mask

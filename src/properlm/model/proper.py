@@ -11,6 +11,9 @@ by :class:`~properlm.model.layers.ProperLinear` and owns the per-user banks:
 A forward pass takes the rows' user ids: ``bind(emb_users, lora_users)`` gathers
 those users' rows of the banks and hands them to the layers, so one batch may
 mix any users (rows with ``None`` have no user LoRA / use the embedding fallback).
+A bank is whatever provides the :class:`~properlm.model.user_params.UserBank`
+protocol: the in-memory :class:`~properlm.model.user_params.UserParams` of the
+users being trained, or the user store's on-demand cache when serving.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from properlm.errors import UnknownUser
 from properlm.model.cross_entropy import cross_entropy
+from properlm.model.device import device_of
 from properlm.model.layers import ProperLinear, Router, RoutingState, lora_dropout
-from properlm.model.user_params import UserParams
+from properlm.model.user_params import UserBank, UserParams
 
 FFN_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTN_KV_TARGETS = ("self_attn.k_proj", "self_attn.v_proj")
@@ -31,11 +36,11 @@ EMBEDDINGS = ("per-site", "shared")
 
 @dataclass
 class Bound:
-    """The banks' rows gathered for one forward pass (kept for the optimizer step)."""
+    """The banks' users gathered for one forward pass, in gather order (kept for the optimizer step)."""
 
-    emb_rows: torch.Tensor | None = None
+    emb_users: list[str] | None = None
     emb_leaves: dict[str, torch.Tensor] | None = None
-    lora_rows: torch.Tensor | None = None
+    lora_users: list[str] | None = None
     lora_leaves: dict[str, torch.Tensor] | None = None
 
 
@@ -50,12 +55,19 @@ def _freeze(*modules: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _rows_and_slots(bank: UserParams, users: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique bank rows present (P,) and each batch row's slot in them (B,), -1 for None."""
-    idx = [bank.index(u) if u is not None else -1 for u in users]
-    present = sorted({i for i in idx if i >= 0})
-    pos = {r: j for j, r in enumerate(present)}
-    return torch.tensor(present, dtype=torch.long), torch.tensor([pos.get(i, -1) for i in idx], dtype=torch.long)
+def _present_and_slots(bank: UserBank, users: list[str | None], device: torch.device
+                       ) -> tuple[list[str], torch.Tensor]:
+    """The distinct users present, in first-appearance order (P), and each batch row's slot in them (B,), -1 for None.
+
+    Raises:
+        UnknownUser: a user the bank does not hold (never another user's rows instead).
+    """
+    present = list(dict.fromkeys(u for u in users if u is not None))
+    for u in present:
+        if u not in bank:
+            raise UnknownUser(u)
+    pos = {u: j for j, u in enumerate(present)}
+    return present, torch.tensor([pos[u] if u is not None else -1 for u in users], dtype=torch.long, device=device)
 
 
 class ProperModel(nn.Module):
@@ -83,9 +95,16 @@ class ProperModel(nn.Module):
                 wrapped = ProperLinear(getattr(parent, attr), site, self.state)
                 setattr(parent, attr, wrapped)
                 self.sites[site] = wrapped
-        self.user_embs: UserParams | None = None
-        self.user_loras: UserParams | None = None
+        self.user_embs: UserBank | None = None
+        self.user_loras: UserBank | None = None
         self.shared_embedding = False
+        self.emb_shapes: dict[str, tuple[int, ...]] = {}   # per-user stage-2 embedding tensors
+        self.lora_shapes: dict[str, tuple[int, ...]] = {}  # per-user stage-3 LoRA tensors
+        self.lora_init: dict[str, str] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.lm)
 
     def emb_key(self, site: str) -> str:
         """Name in the embedding bank of the stage-2 user embedding that ``site``'s router reads."""
@@ -118,43 +137,97 @@ class ProperModel(nn.Module):
                 if text_router_init == "zeros":
                     nn.init.zeros_(s.router.w_text.weight)
                 _freeze(s.experts, s.router)
+                s.experts.to(self.device)
+                s.router.to(self.device)
         if router == "user-aware":
             self.shared_embedding = user_embedding == "shared"
-            shapes = {self.emb_key(name): (user_dim,) for name in self.sites}
-            self.user_embs = UserParams(train_users, shapes, {k: "normal" for k in shapes}, seed=seed)
+            self.emb_shapes = {self.emb_key(name): (user_dim,) for name in self.sites}
+            self.user_embs = self.new_emb_bank(list(train_users), seed=seed)
 
-    def add_users(self, user_ids: list[str], r: int, alpha: float, lora_aware_router: bool, seed: int = 0) -> None:
-        """Stage 3: a LoRA per user on every site and, optionally, the shared LoRA-aware router.
+    def new_emb_bank(self, user_ids: list[str], seed: int = 0, start: str = "normal") -> UserParams:
+        """A stage-2 embedding bank for ``user_ids``: random N(0, 0.02) rows, or ``start="fallback"``:
+        every row starts at the routers' fallback (the mean learned embedding), from which unseen users are fitted."""
+        init = {k: start if start != "fallback" else "start" for k in self.emb_shapes}
+        first = {}
+        if start == "fallback":
+            for name, s in self.sites.items():
+                if s.router is not None and s.router.reads_embedding:
+                    first.setdefault(self.emb_key(name), s.router.fallback_emb)
+        return UserParams(user_ids, self.emb_shapes, init, seed=seed, device=self.device, start=first)
 
-        The LoRA-aware router replaces the stage-2 router; its text part starts
-        from the stage-2 text weights and its LoRA part from zero, so at step 0
-        it routes like stage 2's text router.
+    def add_user_lora(self, r: int, alpha: float, lora_aware_router: bool) -> None:
+        """Stage 3's structure: the user-LoRA shapes on every site and, optionally, the shared LoRA-aware router.
+
+        The LoRA-aware router replaces the stage-2 router and starts as exactly that
+        router: its text part is stage 2's ``W_t``, its embedding part stage 2's
+        ``W_u`` (reading the user's stage-2 embedding, or the same fallback), and its
+        LoRA part ``W_l`` is zero. So with a user's LoRA at zero, stage 3 routes and
+        answers as stage 2 did for that user.
         """
-        shapes, init = {}, {}
+        self.lora_shapes, self.lora_init = {}, {}
         for name, s in self.sites.items():
-            shapes[f"{name}.lora_A"] = (r, s.base.in_features)
-            shapes[f"{name}.lora_B"] = (s.base.out_features, r)
-            init[f"{name}.lora_A"], init[f"{name}.lora_B"] = "kaiming", "zeros"
+            self.lora_shapes[f"{name}.lora_A"] = (r, s.base.in_features)
+            self.lora_shapes[f"{name}.lora_B"] = (s.base.out_features, r)
+            self.lora_init[f"{name}.lora_A"], self.lora_init[f"{name}.lora_B"] = "kaiming", "zeros"
             s.user_scaling = alpha / r
-        if self.user_loras is None:
-            self.user_loras = UserParams(user_ids, shapes, init, seed=seed)
-        else:
-            self.user_loras.add_users(user_ids)
         if lora_aware_router:
             for s in self.sites.values():
                 if s.router is not None and s.router.kind != "lora-aware":
                     old = s.router
-                    s.router = Router(s.base.in_features, s.experts.k, "lora-aware", r)
+                    d_emb = old.w_user.in_features if old.kind == "user-aware" else 0
+                    s.router = Router(s.base.in_features, s.experts.k, "lora-aware", r, d_emb=d_emb).to(self.device)
                     s.router.w_text.weight.data.copy_(old.w_text.weight.data)
+                    if d_emb:
+                        s.router.w_emb.weight.data.copy_(old.w_user.weight.data)
+                        s.router.fallback_emb.copy_(old.fallback_emb)
                     _freeze(s.router)
+
+    def new_lora_bank(self, user_ids: list[str], seed: int = 0) -> UserParams:
+        """A bank of fresh stage-3 LoRAs (A kaiming, B zero) for ``user_ids`` (after :meth:`add_user_lora`)."""
+        return UserParams(user_ids, self.lora_shapes, self.lora_init, seed=seed, device=self.device)
+
+    def add_users(self, user_ids: list[str], r: int, alpha: float, lora_aware_router: bool, seed: int = 0) -> None:
+        """Stage 3 in one call: :meth:`add_user_lora` and an in-memory bank holding ``user_ids``."""
+        self.add_user_lora(r, alpha, lora_aware_router)
+        if isinstance(self.user_loras, UserParams):
+            self.user_loras.add_users(user_ids)
+        else:
+            self.user_loras = self.new_lora_bank(user_ids, seed=seed)
 
     def set_fallback_embedding(self) -> None:
         """Store the mean learned user embedding per site: the routing for unseen users."""
-        if self.user_embs is None:
+        if not isinstance(self.user_embs, UserParams):
             return
         for name, s in self.sites.items():
             if s.router is not None and s.router.kind == "user-aware":
                 s.router.fallback_emb.copy_(self.user_embs.params[self.emb_key(name)].mean(0))
+
+    # -- stage tensors by name -------------------------------------------------------
+    def stage_state(self, parts: tuple[str, ...] = ("experts", "router"), router_kind: str | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """Experts and/or routers of every site by name (``layers.0.mlp.up_proj.experts.lora_A`` ...), on the CPU.
+
+        ``router_kind``: only routers of this kind (e.g. stage 3's ``"lora-aware"``).
+        """
+        out = {}
+        for site, s in self.sites.items():
+            for part in parts:
+                mod = getattr(s, part)
+                if mod is None or (part == "router" and router_kind is not None and mod.kind != router_kind):
+                    continue
+                out.update({f"{site}.{part}.{n}": t.detach().to("cpu").clone() for n, t in mod.state_dict().items()})
+        return out
+
+    def load_stage_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`stage_state` gave (a file may hold only some parts: stage 3's routers only)."""
+        for site, s in self.sites.items():
+            for part in ("experts", "router"):
+                mod = getattr(s, part)
+                if mod is not None:
+                    pre = f"{site}.{part}."
+                    sub = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+                    if sub:
+                        mod.load_state_dict(sub)
 
     # -- parameters by stage -------------------------------------------------------
     def group_parameters(self) -> list[nn.Parameter]:
@@ -178,23 +251,24 @@ class ProperModel(nn.Module):
         self.state.clear()
         self.state.token_mask, self.state.record = token_mask, record
         out = Bound()
+        device = self.device
         if emb_users is not None and self.user_embs is not None and any(u is not None for u in emb_users):
-            rows, slots = _rows_and_slots(self.user_embs, emb_users)
-            leaves = self.user_embs.gather(rows, requires_grad)
+            present, slots = _present_and_slots(self.user_embs, emb_users, device)
+            leaves = self.user_embs.gather_users(present, requires_grad)
             valid = (slots >= 0).unsqueeze(-1)
             for name, s in self.sites.items():
-                if s.router is None or s.router.kind != "user-aware":
-                    continue  # after stage 3 the LoRA-aware router replaces it and reads no embedding
+                if s.router is None or not s.router.reads_embedding:
+                    continue
                 e = leaves[self.emb_key(name)][slots.clamp(min=0)]            # (B, d_e)
                 self.state.user_emb[name] = torch.where(valid, e, s.router.fallback_emb.expand_as(e))
-            out.emb_rows, out.emb_leaves = rows, leaves
+            out.emb_users, out.emb_leaves = present, leaves
         if lora_users is not None and self.user_loras is not None and any(u is not None for u in lora_users):
-            rows, slots = _rows_and_slots(self.user_loras, lora_users)
-            leaves = self.user_loras.gather(rows, requires_grad)
+            present, slots = _present_and_slots(self.user_loras, lora_users, device)
+            leaves = self.user_loras.gather_users(present, requires_grad)
             # The usual training step has one row per user, in bank order: the gathered
             # leaves are then already the rows' factors, and copying them (and their
             # gradients back) per site would only cost time. Same values either way.
-            one_each = len(rows) == len(slots) and bool((slots == torch.arange(len(slots))).all())
+            one_each = len(present) == len(slots) and bool((slots == torch.arange(len(slots), device=device)).all())
             valid = None if bool((slots >= 0).all()) else (slots >= 0).float().view(-1, 1, 1)
             for name in self.sites:
                 a, b = leaves[f"{name}.lora_A"], leaves[f"{name}.lora_B"]       # (P, r, d_in), (P, d_out, r)
@@ -203,7 +277,7 @@ class ProperModel(nn.Module):
                 if valid is not None:
                     a, b = a * valid, b * valid                               # rows without a user LoRA: zeros
                 self.state.user_lora[name] = (a, b)
-            out.lora_rows, out.lora_leaves = rows, leaves
+            out.lora_users, out.lora_leaves = present, leaves
         return out
 
     def routing_vectors(self) -> torch.Tensor:
@@ -244,5 +318,5 @@ def completion_nll(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     logits = lm.get_output_embeddings()(h)                   # (N, V), bf16 under autocast
     nll = cross_entropy(logits, target[sel])                 # float32, without (N, V) float32 copies
     rows = sel.nonzero()[:, 0]
-    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype).index_add_(0, rows, nll)
+    per_row = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
     return per_row, sel.sum(1)

@@ -1,4 +1,4 @@
-"""``properlm train`` and ``properlm generate``: thin wrappers over the train API."""
+"""``properlm train``, ``generate`` and ``users``: thin wrappers over the train, api and forget functions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from properlm.config import load_config
     from properlm.errors import ProperError
-    from properlm.train.config import RunConfig
+    from properlm.run_config import RunConfig
     from properlm.train.run import STAGES, train
 
     run_dir = Path(args.out)
@@ -28,11 +28,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Answer one query for one user with their personalized model."""
-    from properlm.api import load_run
+    """Answer one query for one user with their personalized model; stderr says which model answered."""
+    import sys
+
+    from properlm.api import MODEL_BASE, load_run
 
     lm = load_run(args.run)
-    print(lm.generate([args.query], [args.user], max_new_tokens=args.max_new_tokens)[0])
+    user = None if args.user == "base" else args.user
+    which = lm.model_for(user, fallback=args.fallback)
+    answer = lm.generate([args.query], [user], max_new_tokens=args.max_new_tokens, fallback=args.fallback)[0]
+    said = {"user-lora": f"personalized for {user} (their stage-3 LoRA)",
+            "group": f"personalized for {user} (their stage-2 group)",
+            MODEL_BASE: "the non-personalized model" + (f" ({user} has no personalized model)" if user else "")}
+    print(f"[model: {said[which]}]", file=sys.stderr)
+    print(answer)
     return 0
 
 
@@ -55,7 +64,10 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
     """Add ``properlm generate``."""
     p = subparsers.add_parser("generate", help="answer a query with a user's personalized model")
     p.add_argument("--run", required=True, help="a trained run directory")
-    p.add_argument("--user", required=True, help="user id (unknown users get the non-personalized model)")
+    p.add_argument("--user", required=True,
+                   help="user id ('base': the non-personalized model); an id without a personalized model is an error")
+    p.add_argument("--fallback", action="store_true",
+                   help="answer an id without a personalized model with the non-personalized model instead of failing")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("query", help="the query text")
     p.set_defaults(func=cmd_generate)
@@ -64,30 +76,44 @@ def register_generate(subparsers: argparse._SubParsersAction) -> None:
 def cmd_users_add(args: argparse.Namespace) -> int:
     from properlm.train.users import add_users
 
-    done = add_users(args.run, args.users, data=args.data)
+    done = add_users(args.run, args.users, data=args.data, resume=args.resume)
     print(f"trained LoRAs of {len(done)} user(s) in {args.run}; every other user unchanged")
     return 0
 
 
 def cmd_users_delete(args: argparse.Namespace) -> int:
-    from properlm.train.users import delete_users
+    from properlm.forget import forget_users
 
-    removed = delete_users(args.run, args.users)
+    removed = forget_users(args.run, args.users)
     print(", ".join(f"{k}: {v} removed" for k, v in removed.items()) or "nothing to remove")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    from properlm.store.run import LORA, open_bank
+
+    bank = open_bank(args.run, LORA)
+    for u in (bank.users() if bank is not None else []):
+        print(u)
     return 0
 
 
 def register_users(subparsers: argparse._SubParsersAction) -> None:
     """Add ``properlm users add|delete``."""
-    p = subparsers.add_parser("users", help="add, refresh or delete users of a trained run")
+    p = subparsers.add_parser("users", help="add, refresh, list or delete users of a trained run")
     p.set_defaults(func=lambda _a: p.print_help())
     sub = p.add_subparsers(metavar="SUBCOMMAND")
     a = sub.add_parser("add", help="train LoRAs for new users (or refresh existing ones) against the frozen router")
     a.add_argument("--run", required=True, help="a run with all three stages")
     a.add_argument("--users", nargs="+", required=True, help="user ids")
     a.add_argument("--data", default=None, help="dataset holding their histories (default: the run's data)")
+    a.add_argument("--resume", action="store_true", help="continue an interrupted add of the same users")
     a.set_defaults(func=cmd_users_add)
-    d = sub.add_parser("delete", help="remove users' LoRAs, embeddings and cached profiles from a run")
+    d = sub.add_parser("delete", help="remove every trace of users from a run (adapters, embeddings, moments, "
+                                      "checkpoints, profiles, predictions, scores, split lists)")
     d.add_argument("--run", required=True, help="a run directory")
     d.add_argument("--users", nargs="+", required=True, help="user ids")
     d.set_defaults(func=cmd_users_delete)
+    ls = sub.add_parser("list", help="list the users with a personal LoRA (walks the whole store)")
+    ls.add_argument("--run", required=True, help="a run directory")
+    ls.set_defaults(func=cmd_users_list)

@@ -6,44 +6,28 @@ On the stage-1 merged model (frozen), every FFN linear gets K LoRA experts
 mixed by a dense softmax router ``g(x, u) = softmax(W_t x + W_u e_u)`` with a
 learned embedding ``e_u`` per training user. Several users share each batch so
 the constraint loss (mean cosine of different users' routing vectors) has
-pairs. Saves ``RUN/group/experts.safetensors`` (experts and routers) and
-``RUN/group/user_embeddings.safetensors``.
+pairs. Saves ``RUN/group/experts.safetensors`` (experts and routers, with the
+fallback embedding for unseen users) and each training user's embedding to the
+user store (``RUN/store/emb``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from properlm.io import atomic_dir
 from properlm.model.proper import ProperModel
-from properlm.train.config import RunConfig
+from properlm.model.user_params import UserParams
+from properlm.run_config import RunConfig
+from properlm.store.run import EMB, bank_dir
+from properlm.store.user_store import UserStore
 from properlm.train.examples import Example, encode
 from properlm.train.loop import seed_everything
 from properlm.train.multiuser import MultiUserSpec, run_multiuser
 
 STAGE = "group"
-
-
-def group_state(pm: ProperModel) -> dict[str, torch.Tensor]:
-    """Experts and routers of every site, by name (``layers.0.mlp.up_proj.experts.lora_A`` ...)."""
-    return {f"{site}.{k}": v.detach().clone() for site, s in pm.sites.items()
-            for part in ("experts", "router") if getattr(s, part) is not None
-            for k, v in ((f"{part}.{n}", t) for n, t in getattr(s, part).state_dict().items())}
-
-
-def load_group_state(pm: ProperModel, tensors: dict[str, torch.Tensor]) -> None:
-    for site, s in pm.sites.items():
-        for part in ("experts", "router"):
-            mod = getattr(s, part)
-            if mod is not None:
-                pre = f"{site}.{part}."
-                sub = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-                if sub:  # a file may hold only some parts (user/router.safetensors: routers only)
-                    mod.load_state_dict(sub)
 
 
 def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False) -> Path:
@@ -69,19 +53,33 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
                          user_lr=gc.user_lr if gc.user_lr is not None else gc.lr, weight_decay=0.0, constraint_weight=gc.constraint_weight,
                          per_user_batch=gc.per_user_batch, users_per_step=gc.users_per_step,
                          epochs=gc.epochs, max_steps=gc.max_steps, constraint_warmup=gc.constraint_warmup)
-    enc = [encode(tok, e, cfg.data.max_len) for e in examples]
-    run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
-                  cfg.bf16, cfg.progress, resume)
+    run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
+                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume)
     for p in shared.values():
         p.requires_grad_(False)
     pm.set_fallback_embedding()
+    if isinstance(pm.user_embs, UserParams):
+        store_embeddings(pm, run_dir, users)
     return save_group(pm, run_dir / STAGE)
 
 
+def emb_bank(run_dir: Path, pm: ProperModel) -> UserStore:
+    """``RUN/store/emb``: each user's stage-2 embedding(s), one entry per user."""
+    return UserStore(bank_dir(run_dir, EMB), schema={"params": pm.emb_shapes},
+                     meta={"shared": pm.shared_embedding})
+
+
+def store_embeddings(pm: ProperModel, run_dir: Path, users: list[str]) -> UserStore:
+    """Write ``users``' learned embeddings from the model's in-memory bank to the store."""
+    store = emb_bank(run_dir, pm)
+    bank = pm.user_embs
+    for s in range(0, len(users), 4096):  # one index update per shard and chunk
+        store.put_many({u: {"params": bank.row_state(u, optimizer=False)["params"]} for u in users[s:s + 4096]})
+    return store
+
+
 def save_group(pm: ProperModel, out: Path) -> Path:
+    """Write the experts and routers (``RUN/group/experts.safetensors``) as one directory, atomically."""
     with atomic_dir(out) as tmp:
-        save_file(group_state(pm), str(tmp / "experts.safetensors"))
-        if pm.user_embs is not None:
-            save_file(pm.user_embs.state_tensors("", optimizer=False), str(tmp / "user_embeddings.safetensors"),
-                      metadata={"user_ids": json.dumps(pm.user_embs.user_ids)})
+        save_file(pm.stage_state(("experts", "router")), str(tmp / "experts.safetensors"))
     return out

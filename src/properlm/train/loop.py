@@ -4,7 +4,9 @@
   data order from the step it stopped at.
 - Checkpoints are directories written under a temporary name and renamed into
   place; ``latest`` points at the newest one. A crash mid-write leaves the
-  previous checkpoint intact.
+  previous checkpoint intact. Each records the sha256 of its files and the two
+  newest are kept: a checkpoint whose bytes changed is refused, and resuming
+  falls back to the one before it.
 - Logs are JSONL (one record per step) plus TensorBoard event files.
 """
 
@@ -22,7 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from properlm.errors import CorruptFile
 from properlm.io import atomic_dir, write_text
+
+#: Checkpoints kept per stage: the newest, and the one before it to fall back to.
+KEEP_CHECKPOINTS = 2
 
 
 def seed_everything(seed: int) -> None:
@@ -112,28 +118,84 @@ class RunLogger:
             self._tb.close()
 
 
-def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], extra: dict) -> Path:
-    """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically."""
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], extra: dict,
+                    users: list[str] | None = None) -> Path:
+    """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically.
+
+    ``step.json`` records the step, the sha256 of both files and ``users``: whose
+    per-user rows the checkpoint holds (so that forgetting a user can find it).
+    """
     final = ckpt_root / f"step-{step:08d}"
     with atomic_dir(final) as tmp:  # the directory appears only when complete
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         torch.save(extra, tmp / "extra.pt")
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        sums = {f: _sha256(tmp / f) for f in ("state.safetensors", "extra.pt")}
+        (tmp / "step.json").write_text(json.dumps({"step": step, "sha256": sums, "users": list(users or [])}))
     write_text(ckpt_root / "latest", final.name)
-    for old in ckpt_root.glob("step-*"):  # keep only the newest
-        if old != final:
+    kept = sorted(ckpt_root.glob("step-*"))[-KEEP_CHECKPOINTS:]
+    for old in ckpt_root.glob("step-*"):  # keep only the newest few
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(ckpt_root: Path) -> tuple[int, dict[str, torch.Tensor], dict] | None:
-    """The newest checkpoint as (step, tensors, extra), or None."""
-    latest = ckpt_root / "latest"
-    if not latest.exists():
+def _read_checkpoint(d: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """One checkpoint directory, its files checked against their recorded sha256 (``CorruptFile`` otherwise)."""
+    try:
+        info = json.loads((d / "step.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFile(d / "step.json", f"unreadable: {e}") from None
+    for f, want in info.get("sha256", {}).items():
+        if not (d / f).exists() or _sha256(d / f) != want:
+            raise CorruptFile(d / f)
+    try:
+        return info["step"], load_file(str(d / "state.safetensors")), torch.load(d / "extra.pt", weights_only=False)
+    except Exception as e:
+        raise CorruptFile(d, f"does not load: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(ckpt_root: Path, warn=print) -> tuple[int, dict[str, torch.Tensor], dict] | None:
+    """The newest good checkpoint as (step, tensors, extra), or None when there is none.
+
+    A checkpoint whose files do not match their checksums is skipped with a
+    one-line warning, and the one before it is used; if every checkpoint there
+    is corrupt, :class:`~properlm.errors.CorruptFile` names the newest.
+    """
+    if not (ckpt_root / "latest").exists() and not any(ckpt_root.glob("step-*")):
         return None
-    d = ckpt_root / latest.read_text().strip()
-    step = json.loads((d / "step.json").read_text())["step"]
-    return step, load_file(str(d / "state.safetensors")), torch.load(d / "extra.pt", weights_only=False)
+    first_error = None
+    for d in sorted(ckpt_root.glob("step-*"), reverse=True):
+        try:
+            return _read_checkpoint(d)
+        except CorruptFile as e:
+            first_error = first_error or e
+            warn(f"properlm: warning: {e}; trying the checkpoint before it")
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def checkpoints_holding(root: Path, user_id: str) -> list[Path]:
+    """Checkpoint directories under ``root`` (any depth) whose per-user rows include ``user_id``."""
+    out = []
+    for info in root.rglob("step-*/step.json"):
+        try:
+            users = json.loads(info.read_text()).get("users", [])
+        except (OSError, ValueError):
+            users = None  # unreadable: it may hold anyone
+        if users is None or user_id in users:
+            out.append(info.parent)
+    return out
 
 
 def rng_state() -> dict:

@@ -11,21 +11,33 @@ The gradient is taken of ``sum_u loss_u`` (exact per-user gradients) and the
 shared parameters' gradients are divided by the number of users afterwards.
 User-owned rows are updated by :class:`~properlm.model.user_params.UserParams`'
 row-sparse AdamW, so users absent from a step are untouched.
+
+Stage 3 trains in cohorts (:class:`Cohorts`): the users are split into working
+sets that train one after another, each with its own schedule; only the
+current cohort's rows and AdamW moments are in memory, and its examples are
+encoded when it starts. The shared parameters (the LoRA-aware router) and their
+optimizer carry on from one cohort to the next. Checkpoints hold the shared
+state and the current cohort only; at a cohort's end its users are written to
+the user store and a checkpoint marks the cohort done, so ``--resume`` picks up
+at the right cohort and ends with the same adapters as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from properlm.model.device import autocast
+from properlm.model.precision import frozen_bf16
 from properlm.model.proper import ProperModel, completion_nll
-from properlm.train.examples import Encoded, collate
+from properlm.model.user_params import UserParams
+from properlm.train.examples import Encoded, Example, collate
 from properlm.train.loop import (Progress, RunLogger, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                  user_schedule)
-from properlm.train.precision import autocast, frozen_bf16
 
 
 @dataclass
@@ -38,12 +50,15 @@ class MultiUserSpec:
         shared_lr: their learning rate.
         train_embs: step the stage-2 user-embedding bank (rows' users as emb users).
         train_loras: step the stage-3 user-LoRA bank (rows' users as LoRA users).
-        user_lr: learning rate of the banks.
+        user_lr: learning rate of the LoRA bank (and of the embedding bank unless ``emb_lr``).
         weight_decay: AdamW weight decay of the banks.
         constraint_weight: weight of the cross-user routing cosine loss.
+        per_user_batch, users_per_step, epochs, max_steps: the schedule (``max_steps`` per cohort).
         constraint_warmup: share of the steps over which that weight ramps up
             linearly from 0 (0: the full weight from the first step).
-        per_user_batch, users_per_step, epochs, max_steps: the schedule.
+        emb_lr: learning rate of the embedding bank (None: ``user_lr``).
+        bind_embs: when the embeddings are not trained, still bind the rows' users'
+            stage-2 embeddings where the model has them (stage 3's router reads them).
     """
 
     stage: str
@@ -59,12 +74,38 @@ class MultiUserSpec:
     epochs: int
     max_steps: int | None
     constraint_warmup: float = 0.0
+    emb_lr: float | None = None
+    bind_embs: bool = False
+
+
+@dataclass
+class Cohorts:
+    """Users trained as working sets, one after another.
+
+    Attributes:
+        users: each cohort's users, in training order.
+        begin: called with a cohort's users before its first step; puts their bank(s)
+            on the model (fresh rows, or their stored state when refreshing).
+        end: called with a cohort's users after its last step; writes them to the store.
+        from_store: ``begin`` starts users from their stored state (``users add``
+            refreshing them): the trained cohort is then checkpointed before ``end``
+            writes it, so a crash while writing never trains a user twice.
+    """
+
+    users: list[list[str]]
+    begin: Callable[[list[str]], None]
+    end: Callable[[list[str]], None]
+    from_store: bool = False
+
+
+class Cancelled(Exception):
+    """Raised between steps when a loop's ``cancelled()`` says so; the cohort in training is not written."""
 
 
 def constraint_loss(routes: torch.Tensor, users: list[str]) -> torch.Tensor:
     """Mean cosine similarity of routing vectors (B, K) over pairs of rows of different users."""
     idx = {u: i for i, u in enumerate(dict.fromkeys(users))}
-    uid = torch.tensor([idx[u] for u in users])
+    uid = torch.tensor([idx[u] for u in users], device=routes.device)
     diff = torch.triu(uid.unsqueeze(0) != uid.unsqueeze(1), diagonal=1)  # (B, B) pairs i<j, users differ
     if not diff.any():
         return routes.new_zeros(())
@@ -78,44 +119,137 @@ def constraint_ramp(step: int, n_steps: int, warmup: float) -> float:
     return 1.0 if ramp <= 0 else min(1.0, step / ramp)
 
 
-def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_id: int, run_dir: Path,
-                  seed: int, checkpoint_every: int, max_grad_norm: float, bf16: bool, progress: bool,
-                  resume: bool) -> None:
-    """Train ``spec``'s parameters on ``enc`` with many users per step (see module doc)."""
+def _bank_tensors(pm: ProperModel, spec: MultiUserSpec) -> dict[str, torch.Tensor]:
+    out = {}
+    if isinstance(pm.user_embs, UserParams) and spec.train_embs:
+        out.update(pm.user_embs.state_tensors("emb.", optimizer=True))
+    if isinstance(pm.user_loras, UserParams) and spec.train_loras:
+        out.update(pm.user_loras.state_tensors("lora.", optimizer=True))
+    return out
+
+
+def _load_bank_tensors(pm: ProperModel, spec: MultiUserSpec, tensors: dict[str, torch.Tensor]) -> None:
+    if isinstance(pm.user_embs, UserParams) and spec.train_embs:
+        pm.user_embs.load_state_tensors("emb.", tensors)
+    if isinstance(pm.user_loras, UserParams) and spec.train_loras:
+        pm.user_loras.load_state_tensors("lora.", tensors)
+
+
+def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example], encode: Callable[[Example], Encoded],
+                  pad_id: int, run_dir: Path, seed: int, checkpoint_every: int, max_grad_norm: float, bf16: bool,
+                  progress: bool, resume: bool, cohorts: Cohorts | None = None,
+                  cancelled: Callable[[], bool] | None = None) -> None:
+    """Train ``spec``'s parameters on ``examples`` with many users per step (see module doc).
+
+    Args:
+        spec: what trains.
+        pm: the model; its banks hold the users being trained (``cohorts.begin`` sets them).
+        examples: every user's examples (encoded a cohort at a time with ``encode``).
+        encode: example -> token ids and labels.
+        pad_id: the tokenizer's pad id.
+        run_dir: where ``logs/`` and ``checkpoints/<stage>`` go.
+        seed, checkpoint_every, max_grad_norm, bf16, progress, resume: as in the run config.
+        cohorts: train the users in cohorts (None: all users at once, banks already set).
+        cancelled: polled before every step; true -> :class:`Cancelled` is raised.
+    """
     by_user: dict[str, list[int]] = {}
-    for i, e in enumerate(enc):
+    for i, e in enumerate(examples):
         by_user.setdefault(e.user_id, []).append(i)
-    steps = user_schedule(by_user, spec.per_user_batch, spec.users_per_step, spec.epochs, seed)
-    if spec.max_steps is not None:
-        steps = steps[:spec.max_steps]
-    names, params = list(spec.shared), list(spec.shared.values())
+    groups = cohorts.users if cohorts is not None else [sorted(by_user)]
+    plan: list[tuple[int, list[tuple[str, list[int]]]]] = []   # (cohort, step)
+    last_of: dict[int, int] = {}                               # cohort -> its last step
+    for ci, users in enumerate(groups):
+        steps = user_schedule({u: by_user[u] for u in users}, spec.per_user_batch, spec.users_per_step,
+                              spec.epochs, seed)
+        if spec.max_steps is not None:
+            steps = steps[:spec.max_steps]
+        plan += [(ci, st) for st in steps]
+        if steps:
+            last_of[ci] = len(plan) - 1
+    params = list(spec.shared.values())
     opt = torch.optim.AdamW(params, lr=spec.shared_lr, weight_decay=0.0) if params else None
     ckpt_root, start = run_dir / "checkpoints" / spec.stage, 0
     logger = RunLogger(run_dir, spec.stage)
+    device = pm.device
+    enc: dict[int, Encoded] = {}
+    has_emb: dict[str, bool] = {}
+    current: int | None = None
+
+    def save(step: int, phase: str, with_bank: bool) -> None:
+        tensors = {n: p for n, p in spec.shared.items()}
+        if with_bank:
+            tensors.update(_bank_tensors(pm, spec))
+        holds = [] if not with_bank else (groups[current] if current is not None else [])
+        if with_bank and spec.train_embs and isinstance(pm.user_embs, UserParams):
+            holds = list(dict.fromkeys([*holds, *pm.user_embs.user_ids]))
+        save_checkpoint(ckpt_root, step, tensors, {"optimizer": opt.state_dict() if opt else None, "rng": rng_state(),
+                                                   "cohort": current, "phase": phase}, users=holds)
+
+    def enter(ci: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        nonlocal enc, has_emb, current
+        if cohorts is not None:
+            cohorts.begin(groups[ci])
+        if tensors is not None:
+            _load_bank_tensors(pm, spec, tensors)
+        enc = {i: encode(examples[i]) for u in groups[ci] for i in by_user[u]}
+        embs = pm.user_embs
+        has_emb = {u: embs is not None and u in embs for u in groups[ci]} if spec.bind_embs else {}
+        current = ci
+
+    def finish(ci: int, step: int) -> None:
+        """A cohort's last step is done: write its users (checkpointed first when refreshing)."""
+        if cohorts is None:
+            return
+        if cohorts.from_store:
+            save(step, "trained", with_bank=True)
+        cohorts.end(groups[ci])
+        if step < len(plan):
+            save(step, "written", with_bank=False)
+
     if resume and (ck := load_checkpoint(ckpt_root)) is not None:
         start, tensors, extra = ck
         with torch.no_grad():
             for n, p in spec.shared.items():
-                p.copy_(tensors[n])
+                p.copy_(tensors[n].to(p.device))
         if opt is not None:
             opt.load_state_dict(extra["optimizer"])
-        if pm.user_embs is not None and spec.train_embs:
-            pm.user_embs.load_state_tensors("emb.", tensors)
-        if pm.user_loras is not None and spec.train_loras:
-            pm.user_loras.load_state_tensors("lora.", tensors)
         set_rng_state(extra["rng"])
         logger.truncate_after(start)
+        phase, ci = extra.get("phase", "train"), extra.get("cohort")
+        ci = 0 if ci is None else ci
+        if phase == "trained":        # trained but perhaps not (wholly) written: write it again
+            enter(ci, tensors)
+            finish(ci, start)
+            current = None
+        elif phase == "train":
+            enter(ci, tensors)
     record = spec.constraint_weight > 0
-    prog = Progress(len(steps), spec.stage, start, progress)
+    prog = Progress(len(plan), spec.stage, start, progress)
+    emb_lr = spec.emb_lr if spec.emb_lr is not None else spec.user_lr
     pm.train()
     with frozen_bf16(pm.lm, bf16):  # the same numbers as autocast's per-call casts, without them
-        for step in range(start, len(steps)):
-            rows = [(u, i) for u, idxs in steps[step] for i in idxs]
+        for step in range(start, len(plan)):
+            if cancelled is not None and cancelled():
+                prog.close()
+                logger.close()
+                raise Cancelled(f"{spec.stage}: cancelled at step {step}")
+            ci, step_rows = plan[step]
+            if ci != current:
+                enter(ci)
+            rows = [(u, i) for u, idxs in step_rows for i in idxs]
             users = [u for u, _ in rows]
-            b = collate([enc[i] for _, i in rows], pad_id)
-            bound = pm.bind(emb_users=users if spec.train_embs else None, lora_users=users if spec.train_loras else None,
+            b = collate([enc[i] for _, i in rows], pad_id, device)
+            if spec.train_embs:
+                emb_users = users
+            elif spec.bind_embs:
+                emb_users = [u if has_emb.get(u) else None for u in users]
+            else:
+                emb_users = None
+            bound = pm.bind(emb_users=emb_users, lora_users=users if spec.train_loras else None,
                             requires_grad=True, token_mask=b["attention_mask"], record=record)
-            with autocast(bf16):
+            if not spec.train_embs:
+                bound.emb_leaves = None  # read, not trained
+            with autocast(bf16, device):
                 nll, ntok = completion_nll(pm.lm, b["input_ids"], b["attention_mask"], b["labels"])
             per_user = {}
             for r, u in enumerate(users):
@@ -123,10 +257,10 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_
                 per_user[u] = (s + nll[r], n + int(ntok[r]))
             user_losses = torch.stack([s / max(n, 1) for s, n in per_user.values()])  # (P,)
             total = user_losses.sum()
-            cons = constraint_loss(pm.routing_vectors(), users) if record else torch.zeros(())
+            cons = constraint_loss(pm.routing_vectors(), users) if record else torch.zeros((), device=device)
             # The constraint is a shared-parameter term: scaled by P here so that after
             # the 1/P rescale of shared grads it carries its configured weight.
-            cw = spec.constraint_weight * constraint_ramp(step, len(steps), spec.constraint_warmup)
+            cw = spec.constraint_weight * constraint_ramp(step, len(plan), spec.constraint_warmup)
             (total + cw * cons * len(per_user)).backward()
             n_users = len(per_user)
             if opt is not None:
@@ -136,22 +270,18 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, enc: list[Encoded], pad_
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            for bank, rws, leaves in ((pm.user_embs, bound.emb_rows, bound.emb_leaves),
-                                      (pm.user_loras, bound.lora_rows, bound.lora_leaves)):
+            for bank, present, leaves, lr in ((pm.user_embs, bound.emb_users, bound.emb_leaves, emb_lr),
+                                              (pm.user_loras, bound.lora_users, bound.lora_leaves, spec.user_lr)):
                 if leaves is not None:
                     bank.clip_grad_norm(leaves, max_grad_norm)
-                    bank.adamw_step(rws, leaves, spec.user_lr, weight_decay=spec.weight_decay)
+                    bank.adamw_step(bank.rows(present), leaves, lr, weight_decay=spec.weight_decay)
             lm_loss = user_losses.mean().item()
             tps = prog.update(lm_loss, int(b["attention_mask"].sum()))
             logger.log(step + 1, loss=lm_loss, constraint=cons.item(), users=n_users, tokens_per_s=tps)
-            if (step + 1) % checkpoint_every == 0 and step + 1 < len(steps):
-                tensors = {n: p for n, p in spec.shared.items()}
-                if pm.user_embs is not None and spec.train_embs:
-                    tensors.update(pm.user_embs.state_tensors("emb.", optimizer=True))
-                if pm.user_loras is not None and spec.train_loras:
-                    tensors.update(pm.user_loras.state_tensors("lora.", optimizer=True))
-                save_checkpoint(ckpt_root, step + 1, tensors,
-                                {"optimizer": opt.state_dict() if opt else None, "rng": rng_state()})
+            if step == last_of[ci]:
+                finish(ci, step + 1)
+            elif (step + 1) % checkpoint_every == 0 and step + 1 < len(plan):
+                save(step + 1, "train", with_bank=True)
     pm.state.clear()
     pm.eval()
     prog.close()

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 import warnings
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from properlm.io import atomic_dir
 from properlm.model.proper import completion_nll
-from properlm.train.config import RunConfig
+from properlm.run_config import RunConfig
 from properlm.train.examples import Example, collate, encode
-from properlm.train.precision import autocast, frozen_bf16
+from properlm.model.device import autocast, device_of
+from properlm.model.precision import frozen_bf16
 from properlm.train.loop import (Progress, RunLogger, load_checkpoint, plain_schedule, rng_state, save_checkpoint,
                                  seed_everything, set_rng_state)
 
@@ -66,12 +67,13 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
         opt.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"])
         logger.truncate_after(start)
+    device = device_of(model)
     prog = Progress(len(steps), "stage 1 population", start, cfg.progress)
     model.train()
     with frozen_bf16(model, cfg.bf16):
         for step in range(start, len(steps)):
-            b = collate([enc[i] for i in steps[step]], tok.pad_token_id)
-            with autocast(cfg.bf16):
+            b = collate([enc[i] for i in steps[step]], tok.pad_token_id, device)
+            with autocast(cfg.bf16, b["input_ids"].device):
                 nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
             loss = nll.sum() / ntok.sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
@@ -90,8 +92,3 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
         model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
     model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
     return out
-
-
-def merge_population(lm, adapter_dir: Path):
-    """Apply the saved population adapter to ``lm`` and merge it into the weights (W1)."""
-    return PeftModel.from_pretrained(lm, str(adapter_dir)).merge_and_unload()

@@ -1,54 +1,40 @@
-"""A run directory and the three stages in order.
+"""The three stages in order, into a run directory.
 
     properlm train --all --config configs/demo.yaml --out runs/demo
 
-Layout of a run directory (``manifest.json`` says the same for each file)::
-
-    config.yaml                      the resolved RunConfig (reproduces the run)
-    split.json                       training users (stages 1-2) and target users (stage 3)
-    population/adapter_model.safetensors, adapter_config.json   stage 1, PEFT layout
-    group/experts.safetensors        stage 2 experts and routers
-    group/user_embeddings.safetensors  stage 2 user embeddings (training users)
-    user/user_loras.safetensors      stage 3 LoRA per target user, stacked (U, ...)
-    user/router.safetensors          stage 3 shared LoRA-aware router
-    logs/<stage>.jsonl, logs/tb/     training logs (JSONL, TensorBoard)
-    checkpoints/<stage>/             the last in-stage checkpoint, for --resume
+The run directory's layout, and loading what it holds, are the store layer's
+(:mod:`properlm.store.run`); this module trains the stages that fill it.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from properlm.config import save_config
 from properlm.data import generate, load_dataset, split_users
 from properlm.data.schema import Dataset, User
 from properlm.errors import ProperError
-from properlm.io import read_json, write_json
-from properlm.model.base import load_base
-from properlm.model.proper import ProperModel
-from properlm.train.config import RunConfig
+from properlm.io import write_json
+from properlm.run_config import RunConfig
+from properlm.store.run import STAGES, load_model, read_split, stages_done
 from properlm.train.examples import Example, user_examples
-from properlm.train.group import load_group_state, train_group
-from properlm.train.population import merge_population, train_population
+from properlm.train.group import train_group
+from properlm.train.population import train_population
 from properlm.train.user import train_end_to_end, train_users
 
-STAGES = ("population", "group", "user")
 FILES = {
     "config.yaml": "the resolved run config",
     "split.json": "training users (stages 1-2) and target users (stage 3)",
     "population/adapter_model.safetensors": "stage 1 population LoRA (PEFT layout), merged into the base by later stages",
     "population/adapter_config.json": "stage 1 PEFT adapter config",
-    "group/experts.safetensors": "stage 2 LoRA experts and routers per FFN linear",
-    "group/user_embeddings.safetensors": "stage 2 learned embedding per training user and FFN linear",
-    "user/user_loras.safetensors": "stage 3 LoRA per target user, stacked over users (ids in the metadata)",
+    "group/experts.safetensors": "stage 2 LoRA experts and routers per FFN linear (with the fallback embedding)",
     "user/router.safetensors": "stage 3 shared LoRA-aware router",
+    "store/emb": "user bank: stage-2 embedding per user (training users, fitted unseen users)",
+    "store/lora": "user bank: stage-3 LoRA (and AdamW moments) per user",
 }
 
 
@@ -89,49 +75,9 @@ def stage_examples(task: str, stage: str, train: list[User], targets: list[User]
 
 def write_manifest(run_dir: Path, cfg: RunConfig) -> None:
     files = {k: v for k, v in FILES.items() if (run_dir / k).exists()}
-    done = [s for s in STAGES if (run_dir / s).exists()]
-    write_json(run_dir / "manifest.json", {"properlm_run": 1, "base_model": cfg.base_model, "stages_done": done,
-                                           "files": files, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def build_model(cfg: RunConfig, run_dir: Path, upto: str):
-    """Base + the stages before ``upto`` as saved in ``run_dir``: ``(lm or ProperModel, tok)``.
-
-    ``upto="population"`` gives the bare base LM; ``"group"`` a ProperModel over
-    the merged stage-1 model; ``"user"`` that plus the stage-2 experts; ``"done"``
-    everything including the user LoRAs.
-    """
-    lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention)
-    if upto == "population":
-        return lm, tok
-    pm = ProperModel(merge_population(lm, run_dir / "population"))
-    if upto == "group":
-        return pm.eval(), tok
-    g = cfg.group
-    emb_users = _user_ids(run_dir / "group" / "user_embeddings.safetensors")
-    router = "user-aware" if cfg.user.end_to_end else g.router
-    pm.add_group(g.num_experts, g.r, g.alpha, g.dropout, router, g.user_dim, emb_users or [], seed=cfg.seed,
-                 user_embedding=g.user_embedding)
-    load_group_state(pm, load_file(str(run_dir / "group" / "experts.safetensors")))
-    if pm.user_embs is not None:
-        pm.user_embs.load_state_tensors("", load_file(str(run_dir / "group" / "user_embeddings.safetensors")))
-    if upto == "user":
-        return pm.eval(), tok
-    u = cfg.user
-    lora_aware = u.lora_aware_router and not u.end_to_end
-    pm.add_users(_user_ids(run_dir / "user" / "user_loras.safetensors"), u.r, u.alpha, lora_aware, seed=cfg.seed)
-    pm.user_loras.load_state_tensors("", load_file(str(run_dir / "user" / "user_loras.safetensors")))
-    if (run_dir / "user" / "router.safetensors").exists():
-        load_group_state(pm, load_file(str(run_dir / "user" / "router.safetensors")))
-    pm.eval()
-    return pm, tok
-
-
-def _user_ids(path: Path) -> list[str] | None:
-    if not path.exists():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["user_ids"])
+    write_json(run_dir / "manifest.json", {"properlm_run": 1, "base_model": cfg.base_model,
+                                           "stages_done": stages_done(run_dir), "files": files,
+                                           "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ...] = STAGES, resume: bool = False) -> Path:
@@ -141,6 +87,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
     otherwise (a finished stage is never silently overwritten).
     """
     run_dir = Path(run_dir)
+    stages_done(run_dir)  # repairs a stage directory swap an interruption left half done
     for s in stages:
         if s not in STAGES:
             raise ProperError(f"unknown stage {s!r}: choose from {', '.join(STAGES)}")
@@ -164,7 +111,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
         need = "population" if (e2e and s == "user") else (STAGES[STAGES.index(s) - 1] if s != "population" else None)
         if need is not None and not (run_dir / need).exists():
             raise ProperError(f"{run_dir}: stage {s} needs stage {need} first")
-        model, tok = build_model(cfg, run_dir, "group" if (e2e and s == "user") else s)
+        model, tok = load_model(cfg, run_dir, "group" if (e2e and s == "user") else s)
         ex = stage_examples(ds.task, s, train_u, target_u)
         if not ex:
             raise ProperError(f"stage {s}: no training examples (check the data split)")
@@ -177,5 +124,4 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
     return run_dir
 
 
-def read_split(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / "split.json")
+__all__ = ["FILES", "STAGES", "load_data", "read_split", "split", "stage_examples", "train", "write_manifest"]

@@ -5,57 +5,114 @@
 Everything from stages 1–2 is frozen. Each target user gets a LoRA on the FFN
 linears, trained on that user's history only; many users train in one batch
 (their factors gathered per row, applied with batched matmuls). The shared
-LoRA-aware router ``g = softmax(W_x x + W_l A_u x)`` trains jointly with them.
-Users added later (``add_users``) train only their own LoRA against the frozen
-router. Saves ``RUN/user/user_loras.safetensors`` and ``RUN/user/router.safetensors``.
+LoRA-aware router ``g = softmax(W_x x + W_e e_u + W_l A_u x)`` trains jointly
+with them. Users train in cohorts of ``user.cohort_size``: only one cohort's
+LoRAs and AdamW moments are in memory, and each cohort's users are written to
+the user store (``RUN/store/lora``) when it ends. Users added later
+(``properlm users add``) train only their own LoRA against the frozen router.
+Saves ``RUN/user/router.safetensors``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Callable
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 from properlm.io import atomic_dir
-from properlm.train.group import save_group
 from properlm.model.layers import lora_dropout
 from properlm.model.proper import ProperModel
-from properlm.train.config import RunConfig
+from properlm.model.user_params import MOMENTS, UserParams
+from properlm.run_config import RunConfig
+from properlm.store.run import LORA, bank_dir
+from properlm.store.user_store import UserStore
 from properlm.train.examples import Example, encode
 from properlm.train.loop import seed_everything
-from properlm.train.multiuser import MultiUserSpec, run_multiuser
+from properlm.train.multiuser import Cohorts, MultiUserSpec, run_multiuser
 
 STAGE = "user"
 
 
-def router_state(pm: ProperModel) -> dict[str, torch.Tensor]:
-    """The LoRA-aware routers' weights by site."""
-    return {f"{site}.router.{k}": v.detach().clone() for site, s in pm.sites.items()
-            if s.router is not None and s.router.kind == "lora-aware" for k, v in s.router.state_dict().items()}
+def make_cohorts(users: list[str], size: int, seed: int) -> list[list[str]]:
+    """Users split into cohorts of at most ``size`` (one cohort, sorted, when they fit).
+
+    With several cohorts the users are shuffled first (seeded), so that no
+    systematic order (alphabetical, by activity) decides which users the shared
+    router sees last.
+    """
+    users = sorted(users)
+    if len(users) <= size:
+        return [users]
+    order = [users[i] for i in np.random.default_rng([seed, 3]).permutation(len(users))]
+    return [sorted(order[i:i + size]) for i in range(0, len(order), size)]
+
+
+def bank_schema(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """A user bank's parts: the parameters and their AdamW moments and step count."""
+    adamw = {f"{k}.{m}": s for k, s in shapes.items() for m in MOMENTS}
+    adamw["steps"] = (1,)
+    return {"params": dict(shapes), "adamw": adamw}
+
+
+def open_user_bank(run_dir: Path, bank: str, shapes: dict[str, tuple[int, ...]], meta: dict) -> UserStore:
+    """The bank ``RUN/store/<bank>``, created with ``shapes`` when new."""
+    return UserStore(bank_dir(run_dir, bank), schema=bank_schema(shapes), meta=meta)
+
+
+def lora_meta(pm: ProperModel, cfg: RunConfig) -> dict:
+    """What a LoRA bank records beside its tensors: rank, alpha and the adapted linears."""
+    return {"r": cfg.user.r, "alpha": cfg.user.alpha, "targets": sorted({n.split(".", 2)[2] for n in pm.sites})}
+
+
+def store_cohort(store: UserStore, bank: UserParams, users: list[str], keep_optimizer: bool) -> None:
+    """Write the users' rows (and moments when kept) to the store, one atomic entry per user."""
+    store.put_many({u: bank.row_state(u, optimizer=keep_optimizer) for u in users})
 
 
 def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example],
-                resume: bool = False, train_router: bool = True, stage: str = STAGE) -> Path:
-    """Add a LoRA for every user in ``examples`` and train them (and the shared router).
+                resume: bool = False, train_router: bool = True, stage: str = STAGE, bank: str = LORA,
+                work_dir: Path | None = None, from_store: bool = False,
+                cancelled: Callable[[], bool] | None = None) -> UserStore:
+    """Train a LoRA for every user in ``examples`` (and the shared router) and store them.
 
     Args:
         cfg: the run config (``cfg.user``).
-        run_dir: the run directory.
-        pm: a :class:`ProperModel` with stage-2 experts loaded.
+        run_dir: the run directory (the bank is ``RUN/store/<bank>``).
+        pm: a :class:`ProperModel` with stage-2 experts loaded (or plain, for the OPPU baselines).
         tok: the tokenizer.
-        examples: the target users' history pairs.
+        examples: the users' history pairs.
         resume: continue from this stage's last checkpoint.
         train_router: False for users added later: the shared router stays frozen.
         stage: name for logs and checkpoints.
+        bank: the user bank written (``lora``; ``oppu-kv`` and ``oppu-mlp`` for the baselines).
+        work_dir: where logs and checkpoints go (default: ``run_dir``).
+        from_store: a user already in the bank continues from their stored LoRA and
+            moments (``users add`` refreshing them); otherwise every user starts fresh.
+        cancelled: polled before every step (see :class:`~properlm.train.multiuser.Cancelled`).
+
+    Returns:
+        The bank the users were written to. ``pm.user_loras`` holds the last cohort.
     """
     uc = cfg.user
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
-    pm.add_users(users, uc.r, uc.alpha, uc.lora_aware_router, seed=cfg.seed)
+    pm.add_user_lora(uc.r, uc.alpha, uc.lora_aware_router)
     for s in pm.sites.values():
         s.dropout = lora_dropout(uc.dropout)
+    store = open_user_bank(run_dir, bank, pm.lora_shapes, lora_meta(pm, cfg))
+
+    def begin(cohort: list[str]) -> None:
+        pm.user_loras = pm.new_lora_bank(cohort, seed=cfg.seed)
+        if from_store:
+            for u in cohort:
+                state = store.get(u, ("params", "adamw"), missing_ok=True)
+                if state:
+                    pm.user_loras.set_row_state(u, state)
+
+    def end(cohort: list[str]) -> None:
+        store_cohort(store, pm.user_loras, cohort, uc.keep_optimizer)
+
     shared = {}
     if uc.lora_aware_router and train_router:
         shared = {n: p for n, p in pm.named_parameters() if ".router." in n}
@@ -63,35 +120,48 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
         p.requires_grad_(True)
     spec = MultiUserSpec(stage, shared, uc.router_lr, train_embs=False, train_loras=True, user_lr=uc.lr,
                          weight_decay=uc.weight_decay, constraint_weight=0.0, per_user_batch=uc.per_user_batch,
-                         users_per_step=uc.users_per_step, epochs=uc.epochs, max_steps=uc.max_steps)
-    enc = [encode(tok, e, cfg.data.max_len) for e in examples]
-    run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
-                  cfg.bf16, cfg.progress, resume)
+                         users_per_step=uc.users_per_step, epochs=uc.epochs, max_steps=uc.max_steps,
+                         bind_embs=pm.user_embs is not None)
+    run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id,
+                  Path(work_dir or run_dir), cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16,
+                  cfg.progress, resume, cohorts=Cohorts(make_cohorts(users, uc.cohort_size, cfg.seed), begin, end,
+                                                        from_store=from_store), cancelled=cancelled)
     for p in shared.values():
         p.requires_grad_(False)
-    return save_users(pm, run_dir / STAGE)
+    if train_router:
+        save_router(pm, Path(run_dir) / STAGE)
+    return store
 
 
-def save_users(pm: ProperModel, out: Path) -> Path:
-    """Write the user LoRA bank and the LoRA-aware router (atomically, as one directory)."""
+def save_router(pm: ProperModel, out: Path) -> Path:
+    """Write the LoRA-aware routers (``RUN/user/router.safetensors``) as one directory, atomically.
+
+    Written even when empty (the "no LoRA-aware router" ablation): the directory
+    is what marks stage 3 as done.
+    """
+    from safetensors.torch import save_file
+
     with atomic_dir(out) as tmp:
-        save_file(pm.user_loras.state_tensors("", optimizer=False), str(tmp / "user_loras.safetensors"),
-                  metadata={"user_ids": json.dumps(pm.user_loras.user_ids)})
-        rs = router_state(pm)
+        rs = pm.stage_state(("router",), router_kind="lora-aware")
         if rs:
             save_file(rs, str(tmp / "router.safetensors"))
     return out
 
 
 def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example],
-                     resume: bool = False) -> Path:
+                     resume: bool = False) -> UserStore:
     """The end-to-end ablation: experts, user-aware router and user LoRAs trained jointly.
 
     On the stage-1 merged model, adds stage 2's experts and user-aware router with
     an embedding per *target* user, and a LoRA per target user (no LoRA-aware
     router), then trains all of it at once on the targets' history with the
-    constraint loss. Writes both ``RUN/group`` and ``RUN/user``.
+    constraint loss. The experts, router and embeddings train with stage 2's
+    learning rates for stage 2's epochs (``group``), the LoRAs with stage 3's
+    learning rate, as the paper compares them. Writes ``RUN/group``, ``RUN/user``
+    and both user banks.
     """
+    from properlm.train.group import save_group, store_embeddings
+
     gc, uc = cfg.group, cfg.user
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
@@ -104,12 +174,17 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
     spec = MultiUserSpec(STAGE, shared, gc.lr, train_embs=True, train_loras=True, user_lr=uc.lr,
                          weight_decay=uc.weight_decay, constraint_weight=gc.constraint_weight,
                          per_user_batch=uc.per_user_batch, users_per_step=uc.users_per_step,
-                         epochs=uc.epochs, max_steps=uc.max_steps, constraint_warmup=gc.constraint_warmup)
-    enc = [encode(tok, e, cfg.data.max_len) for e in examples]
-    run_multiuser(spec, pm, enc, tok.pad_token_id, run_dir, cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm,
-                  cfg.bf16, cfg.progress, resume)
+                         epochs=gc.epochs, max_steps=gc.max_steps, constraint_warmup=gc.constraint_warmup,
+                         emb_lr=gc.user_lr if gc.user_lr is not None else gc.lr)
+    run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
+                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume)
     for p in shared.values():
         p.requires_grad_(False)
     pm.set_fallback_embedding()
+    store_embeddings(pm, run_dir, users)
     save_group(pm, run_dir / "group")
-    return save_users(pm, run_dir / STAGE)
+    store = open_user_bank(run_dir, LORA, pm.lora_shapes, lora_meta(pm, cfg))
+    store_cohort(store, pm.user_loras, users, uc.keep_optimizer)
+    save_router(pm, run_dir / STAGE)
+    return store
+

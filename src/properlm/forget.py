@@ -1,0 +1,156 @@
+"""Forgetting users: every trace of a user removed from a run directory.
+
+    properlm users delete --run runs/demo --users u007
+
+What of a user a run directory can hold, and what :func:`forget_users` does with it:
+
+=======================================  ====================================================
+user banks (``RUN/store/*``)             the user's entry and files removed (LoRA, AdamW
+                                         moments, stage-2 embedding, OPPU baselines' LoRAs)
+``split.json``                           the id removed from the training and target lists
+checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's rows removed
+``RUN/baselines/*/checkpoints``)         (resuming that stage then restarts it)
+``RUN/baselines/pag/profiles.json``      the user's cached profile removed
+``RUN/eval/``                            the user's golds, predictions and per-user scores
+                                         removed; each method's metrics recomputed without them
+``RUN/report/``                          removed when it holds the user's rows (rerun
+                                         ``properlm report``)
+``RUN/serve/``                           the server's records of the user (key, jobs, uploaded
+                                         history) removed by the server's own hook
+=======================================  ====================================================
+
+Each file is rewritten atomically, only when it holds the user. What the user's
+data contributed to the shared population and group weights is not unlearned.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from properlm.errors import ProperError
+from properlm.io import read_json, write_json
+from properlm.store.run import banks, is_run
+from properlm.train.loop import checkpoints_holding
+
+#: Extra scrubbers (e.g. the server's) called as ``hook(run_dir, user_ids) -> {what: count}``.
+HOOKS: list[Callable[[Path, set[str]], dict[str, int]]] = []
+
+
+def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
+    """Remove everything of ``user_ids`` from the run directory; counts of what was removed, by kind."""
+    run_dir = Path(run_dir)
+    if not is_run(run_dir):
+        raise ProperError(f"{run_dir}: not a properlm run directory (no config.yaml)")
+    ids = set(user_ids)
+    removed: dict[str, int] = {}
+
+    def count(what: str, n: int) -> None:
+        if n:
+            removed[what] = removed.get(what, 0) + n
+
+    for name, bank in banks(run_dir).items():
+        count(f"{name} entries", sum(bank.delete(u) for u in ids))
+    count("split entries", _scrub_split(run_dir / "split.json", ids))
+    for u in ids:
+        for ck in checkpoints_holding(run_dir, u):
+            shutil.rmtree(ck, ignore_errors=True)
+            count("checkpoints", 1)
+    count("PAG profiles", _scrub_profiles(run_dir / "baselines" / "pag" / "profiles.json", ids))
+    count("evaluated queries", _scrub_eval(run_dir, ids))
+    report = run_dir / "report"
+    if report.is_dir() and _mentions(report, ids):
+        shutil.rmtree(report)
+        count("report directories", 1)
+    for hook in HOOKS:
+        for what, n in hook(run_dir, ids).items():
+            count(what, n)
+    return removed
+
+
+def _mentions(root: Path, ids: set[str]) -> bool:
+    needles = [u.encode("utf-8") for u in ids]
+    for f in root.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            if any(n in data for n in needles):
+                return True
+    return False
+
+
+def _scrub_split(path: Path, ids: set[str]) -> int:
+    if not path.exists():
+        return 0
+    split = read_json(path)
+    n = 0
+    for key in ("train", "target"):
+        kept = [u for u in split.get(key, []) if u not in ids]
+        n += len(split.get(key, [])) - len(kept)
+        split[key] = kept
+    if n:
+        write_json(path, split)
+    return n
+
+
+def _scrub_profiles(path: Path, ids: set[str]) -> int:
+    if not path.exists():
+        return 0
+    cached = read_json(path)
+    if not isinstance(cached, dict):
+        return 0
+    kept = {k: v for k, v in cached.items() if k not in ids}
+    if len(kept) != len(cached):
+        write_json(path, kept)
+    return len(cached) - len(kept)
+
+
+def _scrub_eval(run_dir: Path, ids: set[str]) -> int:
+    """Remove the users' rows from every evaluation output; recompute the methods' metrics without them."""
+    from properlm.data.tasks import get_task
+    from properlm.evaluate.evaluate import write_csv
+    from properlm.evaluate.metrics import score
+
+    eval_dir = run_dir / "eval"
+    if not eval_dir.is_dir():
+        return 0
+    golds_path = eval_dir / "golds.json"
+    gold = {}
+    dropped = 0
+    if golds_path.exists():
+        g = read_json(golds_path)
+        keep = [x for x in g.get("golds", []) if x.get("user_id") not in ids]
+        dropped = len(g.get("golds", [])) - len(keep)
+        gold = {x["id"]: x["output"] for x in keep}
+        if dropped:
+            write_json(golds_path, {**g, "golds": keep})
+    summary_path = eval_dir / "summary.json"
+    summary = read_json(summary_path) if summary_path.exists() else None
+    for method_dir in sorted(p for p in eval_dir.iterdir() if p.is_dir()):
+        preds_path, per_user_path = method_dir / "predictions.json", method_dir / "per_user.json"
+        if not preds_path.exists():
+            continue
+        p = read_json(preds_path)
+        keep = [x for x in p.get("golds", []) if x.get("user_id") not in ids]
+        per_user = read_json(per_user_path) if per_user_path.exists() else []
+        kept_rows = [r for r in per_user if r.get("user_id") not in ids]
+        if len(keep) == len(p.get("golds", [])) and len(kept_rows) == len(per_user):
+            continue
+        write_json(preds_path, {**p, "golds": keep})
+        scores_path = method_dir / "scores.json"
+        entry = read_json(scores_path) if scores_path.exists() else {}
+        task = get_task(entry["task"]) if entry.get("task") else None
+        scored = [(x["output"], gold[x["id"]]) for x in keep if x["id"] in gold]
+        if task is not None and entry.get("metrics") and scored:
+            entry["metrics"] = score(task.kind, [a for a, _ in scored], [b for _, b in scored], task.labels)
+        entry["n_users"] = len(kept_rows) if per_user else entry.get("n_users")
+        entry["n_queries"] = len(keep)
+        write_json(scores_path, entry)
+        write_json(per_user_path, kept_rows)
+        cols = ["user_id", "history_len", "n_queries", *(task.metric_names if task else [])]
+        write_csv(method_dir / "per_user.csv", kept_rows, cols)
+        if summary is not None and method_dir.name in summary.get("methods", {}):
+            summary["methods"][method_dir.name].update({k: entry.get(k) for k in ("metrics", "n_users", "n_queries")})
+    if summary is not None:
+        write_json(summary_path, summary)
+    return dropped

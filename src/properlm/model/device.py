@@ -1,0 +1,71 @@
+"""Where the model runs and in which precision: device resolution, dtypes, autocast.
+
+Every tensor properlm creates in a hot path is created on the model's device
+(``device_of(module)``), and autocast is entered for that device's type, never
+for "cuda because CUDA exists": a model kept on the CPU of a GPU machine still
+runs CPU autocast.
+
+    device = resolve_device("auto")              # cuda when available, else cpu
+    dtype = base_dtype("auto", bf16=True, device=device)  # bfloat16 weights on GPU, float32 on CPU
+    with autocast(True, device):
+        ...
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:1"`` as given.
+
+    Raises:
+        ValueError: CUDA asked for on a machine without it, or an unknown device.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available on this machine (use device=auto or cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def base_dtype(spec: str, bf16: bool, device: torch.device) -> torch.dtype:
+    """The dtype the frozen base weights are loaded in.
+
+    ``"auto"``: bfloat16 on a GPU when ``bf16`` is on (a 7B base then needs
+    14 GB, not 28), float32 otherwise. On the CPU the weights stay float32 and
+    the training loops hold bf16 copies of the frozen linears instead
+    (:func:`properlm.model.precision.frozen_bf16`), so that merged stage-1
+    weights and evaluation keep full precision there.
+    """
+    if spec == "float32":
+        return torch.float32
+    if spec == "bfloat16":
+        return torch.bfloat16
+    if spec != "auto":
+        raise ValueError(f"unknown base dtype {spec!r}: use auto, float32 or bfloat16")
+    return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for a module without any)."""
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def autocast(enabled: bool, device: torch.device | str = "cpu"):
+    """bf16 autocast for ``device``'s type when ``enabled``, else a no-op context."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
