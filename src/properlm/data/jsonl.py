@@ -306,10 +306,13 @@ def scan_jsonl(path: str | Path, n_queries: int = 5) -> JsonlScan:
 
 
 def _repeated(hashes: array) -> set[int]:
-    """The values that occur more than once."""
+    """The values that occur more than once (sorts ``hashes`` in place)."""
     import numpy as np
 
-    a = np.sort(np.frombuffer(hashes, dtype=np.int64)) if len(hashes) else np.zeros(0, dtype=np.int64)
+    if len(hashes) < 2:
+        return set()
+    a = np.frombuffer(hashes, dtype=np.int64)  # a writable view: sorted in place, no copy
+    a.sort()
     dup = a[1:][a[1:] == a[:-1]]
     return set(int(x) for x in np.unique(dup))
 

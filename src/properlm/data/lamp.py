@@ -487,8 +487,12 @@ class LampWriter:
         """Write ``user`` (at position ``index`` in the dataset's user order)."""
         profile = [_item_json(it) for it in user.history]
         keys = _user_keys(user)
+        # json.dumps({"id", "input", "profile", **keys}) with the profile serialized once per user, not per query
+        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        tail = "".join(f", {dumps(k)}: {dumps(v)}" for k, v in keys.items()) + "}"
+        profile_text = dumps(profile) if user.queries else ""
         for q in user.queries:
-            question = json.dumps({"id": q.id, "input": q.input, "profile": profile, **keys}, ensure_ascii=False)
+            question = f'{{"id": {dumps(q.id)}, "input": {dumps(q.input)}, "profile": {profile_text}{tail}'
             self._questions.write(question if not self._n_questions else ", " + question)
             self._n_questions += 1
             if q.gold is not None:

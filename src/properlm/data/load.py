@@ -12,6 +12,10 @@ Layouts, as auto-detected:
 
 Every loader already names file, record and field on bad input; :func:`validate`
 then checks what any dataset must satisfy, however it was built.
+
+:func:`scan_dataset` (behind ``properlm data inspect``) and :func:`convert_dataset`
+(behind ``properlm data convert``) take the same arguments and raise the same errors,
+but stream JSONL logs (and, for the scan, LaMP files) instead of loading them.
 """
 
 from __future__ import annotations
