@@ -50,16 +50,21 @@ class BenchConfig:
     gen_tokens: int = 16
     gen_repeats: int = 2
     lever_rounds: int = 3
-    memory_users: tuple[int, ...] = (1, 100, 1000)
-    memory_steps: int = 2
-    memory_rows: int = 8                 # rows per stage-3 step in the memory benchmark (UserConfig default)
+    memory_users: tuple[int, ...] = (1000, 10000)   # stage-3 users per memory setting
+    memory_model: str = "tiny-random"    # 10,000 users of the embedded model would write ~90 GB of store
+    memory_cohort: int = 256             # UserConfig.cohort_size's default
+    memory_examples: int = 2             # history examples per user
+    store_users: tuple[int, ...] = (10, 10000)      # users in the run a user is added to
+    store_repeats: int = 3
+    store_loads: int = 200               # cold loads timed
     seed: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
 
     @classmethod
     def quick_config(cls, **kw) -> "BenchConfig":
         base = dict(model="tiny-random", quick=True, users=8, examples_per_user=4, oppu_batch=4, gen_tokens=8,
-                    gen_repeats=1, lever_rounds=1, memory_steps=1, threads=1)
+                    gen_repeats=1, lever_rounds=1, memory_users=(50, 200), memory_cohort=32,
+                    store_users=(10, 200), store_repeats=1, store_loads=20, threads=1)
         base.update(kw)
         return cls(**base)
 

@@ -117,7 +117,7 @@ def gather_copies():
     def bind(self, emb_users=None, lora_users=None, **kw):
         out = orig(self, emb_users=emb_users, lora_users=lora_users, **kw)
         if out.lora_leaves is not None:
-            _, slots = proper_mod._rows_and_slots(self.user_loras, lora_users)
+            _, slots = proper_mod._present_and_slots(self.user_loras, lora_users, self.device)
             valid = (slots >= 0).float().view(-1, 1, 1)
             for name in self.sites:
                 a = out.lora_leaves[f"{name}.lora_A"][slots.clamp(min=0)] * valid

@@ -49,7 +49,7 @@ def multiuser_spec(cfg: BenchConfig, shared: dict, n_users: int, per_user_batch:
 
 def batched_step(cfg: BenchConfig, pm, spec: MultiUserSpec, encs, pad_id: int, run_dir: Path, bf16: bool | None = None):
     """One call of properlm's multi-user loop on ``encs`` (one example per user: one step)."""
-    run_multiuser(spec, pm, encs, pad_id, run_dir, cfg.seed, checkpoint_every=10 ** 9, max_grad_norm=1.0,
+    run_multiuser(spec, pm, encs, lambda e: e, pad_id, run_dir, cfg.seed, checkpoint_every=10 ** 9, max_grad_norm=1.0,
                   bf16=cfg.bf16 if bf16 is None else bf16, progress=False, resume=False)
 
 
@@ -80,7 +80,7 @@ class PeftTrainer:
         batches = [encs[i:i + batch_size] for i in range(0, len(encs), batch_size)]
         for chunk in batches:
             b = collate(chunk, self.pad_id)
-            with autocast(self.cfg.bf16):
+            with autocast(self.cfg.bf16, "cpu"):
                 if loss_kind == "hf":
                     loss = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                       labels=b["labels"]).loss

@@ -90,13 +90,13 @@ class UserParams:
             if how == "kaiming":
                 fan_in = s[-1]
                 bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) gives 1/sqrt(fan_in)
-                value = torch.rand(s, generator=g) * 2 * bound - bound
+                value = torch.rand(s, generator=g, device="cpu") * 2 * bound - bound
             elif how == "normal":
-                value = torch.randn(s, generator=g) * self.normal_std
+                value = torch.randn(s, generator=g, device="cpu") * self.normal_std
             elif how == "start":
                 value = self.start[k]
             else:
-                value = torch.zeros(s)
+                value = torch.zeros(s, device="cpu")
             self.params[k][row] = value.to(self.device)
 
     def __len__(self) -> int:
