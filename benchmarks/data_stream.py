@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import filecmp
 import json
 import os
 import platform
@@ -138,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         res["convert"]["out_bytes"] = sum(p.stat().st_size for p in out.iterdir())
     print(f"convert: {res['convert']['wall_s']} s, peak RSS {mib(res['convert']['peak_rss'])}, "
           f"wrote {res['convert'].get('out_bytes', 0) / 2**20:,.0f} MiB", flush=True)
-    if not args.keep:
-        shutil.rmtree(out, ignore_errors=True)
 
     res["bad_log"] = make_log(bad_log, args.users, args.records, "--bad-line", str(bad_line))
     bad_out = work / "converted-bad"
@@ -160,12 +159,22 @@ def main(argv: list[str] | None = None) -> int:
         res["inspect_in_memory"] = measure([sys.executable, "-c", _IN_MEMORY_INSPECT, str(log)], mem_out, src)
         if res["inspect_in_memory"]["rc"] == 0 and summary is not None:
             res["inspect_in_memory"]["same_summary"] = json.loads(mem_out.read_text()) == summary
-        res["convert_in_memory"] = measure([sys.executable, "-c", _IN_MEMORY_CONVERT, str(log), str(out)], None, src)
-        shutil.rmtree(out, ignore_errors=True)
+        mem_dir = work / "converted-in-memory"
+        shutil.rmtree(mem_dir, ignore_errors=True)
+        res["convert_in_memory"] = measure([sys.executable, "-c", _IN_MEMORY_CONVERT, str(log), str(mem_dir)],
+                                           None, src)
+        if res["convert_in_memory"]["rc"] == 0 and res["convert"]["rc"] == 0:
+            names = sorted(p.name for p in out.iterdir())
+            res["convert_in_memory"]["same_files"] = names == sorted(p.name for p in mem_dir.iterdir()) and all(
+                filecmp.cmp(out / n, mem_dir / n, shallow=False) for n in names)
+        shutil.rmtree(mem_dir, ignore_errors=True)
         for name in ("inspect_in_memory", "convert_in_memory"):
             r = res[name]
             print(f"{name}: {r['wall_s']} s, peak RSS {mib(r['peak_rss'])} (rc {r['rc']})"
-                  + (f", same summary: {r['same_summary']}" if "same_summary" in r else ""), flush=True)
+                  + (f", same summary: {r['same_summary']}" if "same_summary" in r else "")
+                  + (f", same files as convert: {r['same_files']}" if "same_files" in r else ""), flush=True)
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
 
     ok = res["inspect"]["rc"] == 0 and res["inspect"]["peak_rss"] <= TARGET_INSPECT_RSS
     res["target"] = {"inspect_peak_rss_le_1GiB": ok}

@@ -42,7 +42,7 @@ def activity(rng: np.random.Generator, users: int, records: int) -> np.ndarray:
     """Records per user: Pareto-like, at least 2 each, summing to ``records``."""
     if records < 2 * users:
         raise SystemExit(f"need at least 2 records per user ({2 * users}), got {records}")
-    w = rng.pareto(1.2, users) + 1.0
+    w = rng.pareto(1.2, users)  # Lomax: most weights near 0, a heavy tail
     extra = records - 2 * users
     counts = np.floor(w / w.sum() * extra).astype(np.int64)
     rest = extra - int(counts.sum())  # < users: what flooring dropped
