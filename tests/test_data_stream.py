@@ -141,7 +141,8 @@ def test_convert_generated_log_round_trips_across_buckets(tmp_path, monkeypatch,
 def test_convert_keeps_users_without_queries(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"user_id": "a", "prompt": "1", "response": "r"}\n'
-                   '{"user_id": "b", "prompt": "2", "response": "r"}\n{"user_id": "b", "prompt": "3", "response": "s"}\n')
+                   '{"user_id": "b", "prompt": "2", "response": "r"}\n'
+                   '{"user_id": "b", "prompt": "3", "response": "s"}\n')
     n, written = convert_jsonl(log, tmp_path / "out", bucket_records=1)
     assert n == 2 and "users_without_queries.json" in {p.name for p in written}
     assert load_dataset(tmp_path / "out").users == load_dataset(log).users
