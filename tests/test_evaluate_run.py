@@ -155,8 +155,9 @@ def test_report_tables_and_figures_from_real_runs(run, tmp_path):
     assert int(eff["oppu-mlp"]["params_per_user"]) > int(eff["oppu-kv"]["params_per_user"]) > 0
     assert float(eff["user"]["train_seconds"]) > 0
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
-    assert [r["variant"] for r in data["tables"]["table3"]["rows"]] == ["PROPER (full)",
-                                                                        "w/ text router + no constraint loss"]
+    assert [r["variant"] for r in data["tables"]["table3"]["rows"]] == [
+        "PROPER (full)", "PROPER (full), stage 2", "w/ text router + no constraint loss, stage 2"]
+    assert "Decoding: free generation" in (tmp_path / "rep" / "report.md").read_text()
     assert -1.0 <= data["routing_ari"] <= 1.0 and -1.0 <= data["routing_ari_per_site"] <= 1.0
     assert "![tsne](tsne.png)" in (tmp_path / "rep" / "report.md").read_text()
 
@@ -206,6 +207,42 @@ def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monke
     assert res["methods"]["proper"]["metrics"]["accuracy"] >= 0.0
     data = report([res], tmp_path / "rep", figures=False)
     assert data["tables"]["table3"]["rows"][0]["variant"] == "w/ end-to-end"
+
+
+def test_label_decoding_scores_every_label_and_files_it_apart(run, tmp_path, monkeypatch):
+    """--decode labels: each query's answer is the label with the highest likelihood, per user's model."""
+    import properlm.model.scoring as scoring
+    from properlm.data.tasks import get_task
+
+    copy = _copy(run.main, tmp_path / "run")
+    res = evaluate_run(copy, methods=["stage1", "proper"], decode="labels", batch_size=8, progress=False)
+    labels = set(get_task("synth-cls").labels)
+    assert set(res["methods"]) == {"stage1@labels", "proper@labels"}
+    for m in res["methods"]:
+        preds = json.loads((copy / "eval" / m / "predictions.json").read_text())["golds"]
+        assert preds and all(p["output"] in labels for p in preds)
+        assert json.loads((copy / "eval" / m / "scores.json").read_text())["settings"]["decode"] == "labels"
+    # The prediction is the argmax of the scored likelihoods, computed with each row's own user.
+    seen = []
+    real = scoring.label_loglik
+
+    def spy(model, tok, prompts, labels_, lora_users=None, **kw):
+        out = real(model, tok, prompts, labels_, lora_users=lora_users, **kw)
+        seen.append((list(lora_users), out))
+        return out
+
+    monkeypatch.setattr(scoring, "label_loglik", spy)
+    res = evaluate_run(copy, methods=["proper"], decode="labels", batch_size=8, progress=False)
+    users, ll = seen[-1]
+    _, task, targets = load_targets(copy)
+    assert users == [u.id for u in targets for _ in u.queries]
+    preds = json.loads((copy / "eval" / "proper@labels" / "predictions.json").read_text())["golds"]
+    assert [p["output"] for p in preds] == [task.labels[i] for i in ll.argmax(-1).tolist()]
+    rep = report([copy], tmp_path / "rep", figures=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "`@labels`: the label with the highest likelihood" in md and rep["tables"]["table1"]
+    with pytest.raises(ProperError, match="unknown decoding"):
+        evaluate_run(copy, methods=["stage1"], decode="beam", progress=False)
 
 
 def test_missing_stage_is_a_clear_error(run):

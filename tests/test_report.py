@@ -37,6 +37,18 @@ def _runs() -> list[dict]:
     ]
 
 
+def test_stage_2_ablations_are_compared_at_stage_2():
+    """The paper measures the router and constraint ablations at stage 2; after-stage-3 rows are labelled."""
+    main = _result("main", 0.5, methods=("stage1", "stage2", "proper"))
+    text = _result("text", 0.7, group=GroupConfig(router="text"), methods=("stage2", "proper"))
+    e2e = _result("e2e", 0.65, extra={"user.end_to_end": True})
+    rows = build_tables([main, text, e2e])["table3"]["rows"]
+    assert [(r["variant"], r["method"], r["LaMP-3 mae"]) for r in rows] == [
+        ("PROPER (full)", "proper", 2.5), ("PROPER (full), stage 2", "stage2", 1.5),
+        ("w/ text router, stage 2", "stage2", 0.7), ("w/ text router, after stage 3", "proper", 1.7),
+        ("w/ end-to-end", "proper", 1.65)]
+
+
 def test_runs_are_sorted_into_tables():
     runs = _runs()
     assert [run_kind(r["config"]) for r in runs] == ["main", "main", "main", "low-resource", "ablation", "ablation",
@@ -50,7 +62,7 @@ def test_runs_are_sorted_into_tables():
                                    {"method": "proper", "LaMP-3 mae": 1.5, "LaMP-3 rmse": 2.5}]
     assert t["table2"]["rows"][0]["LaMP-3 mae"] == 0.9
     assert [(r["variant"], r["method"], r["LaMP-3 mae"]) for r in t["table3"]["rows"]] == [
-        ("PROPER (full)", "proper", 1.5), ("w/ text router + no constraint loss", "stage2", 0.8),
+        ("PROPER (full)", "proper", 1.5), ("w/ text router + no constraint loss, stage 2", "stage2", 0.8),
         ("w/ no LoRA-aware router", "proper", 1.55), ("w/ end-to-end", "proper", 1.65)]
     assert [(r["num_experts"], r["LaMP-3 mae"]) for r in t["experts"]["rows"]] == [(2, 1.7), (5, 1.5), (8, 1.6)]
 

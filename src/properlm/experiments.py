@@ -12,9 +12,9 @@ variant             overrides on the config                          stages reus
 ==================  ===============================================  ===================  ==========
 main                (none)                                           -                    Table 1
 low-resource        ``data.split=low-resource``                      -                    Table 2
-text-router         ``group.router=text``                            population           Table 3
-no-constraint       ``group.constraint_weight=0``                    population           Table 3
-loramoe             both of the above (plain LoRAMoE)                population           Table 3, density figure
+text-router         ``group.router=text``                            population           Table 3 (at stage 2)
+no-constraint       ``group.constraint_weight=0``                    population           Table 3 (at stage 2)
+loramoe             both of the above (plain LoRAMoE)                population           Table 3 (at stage 2), density
 no-lora-router      ``user.lora_aware_router=false``                 population, group    Table 3
 end-to-end          ``user.end_to_end=true``                         population           Table 3
 experts-2/-8        ``group.num_experts=2`` / ``8``                  population           expert sweep
@@ -36,12 +36,14 @@ from properlm.errors import ConfigError
 
 #: name -> (config overrides, stages copied from the main run, methods evaluated)
 _FINAL = ("proper",)
+#: stage-2 ablations are compared at stage 2 (the paper's Table 3); after stage 3 as well, labelled so
+_AT_STAGE2 = ("stage2", "proper")
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "main": ((), (), ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")),
     "low-resource": (("data.split=low-resource",), (), ("stage1", "stage2", "proper", "rag", "oppu-mlp")),
-    "text-router": (("group.router=text",), ("population",), _FINAL),
-    "no-constraint": (("group.constraint_weight=0",), ("population",), _FINAL),
-    "loramoe": (("group.router=text", "group.constraint_weight=0"), ("population",), _FINAL),
+    "text-router": (("group.router=text",), ("population",), _AT_STAGE2),
+    "no-constraint": (("group.constraint_weight=0",), ("population",), _AT_STAGE2),
+    "loramoe": (("group.router=text", "group.constraint_weight=0"), ("population",), _AT_STAGE2),
     "no-lora-router": (("user.lora_aware_router=false",), ("population", "group"), _FINAL),
     "end-to-end": (("user.end_to_end=true",), ("population",), _FINAL),
     "experts-2": (("group.num_experts=2",), ("population",), _FINAL),

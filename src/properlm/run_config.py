@@ -110,6 +110,13 @@ class GroupConfig:
         users_per_step: distinct users per batch (>= 2 so the constraint loss has pairs).
         per_user_batch: examples of each user per step.
         epochs, max_steps: how long.
+        unseen: how users not in stage 2 (the targets, users added later) are routed:
+            "fit" (each one's embedding is fitted on their own history with everything
+            else frozen, starting from the mean embedding: they join the group their
+            data points to) or "mean" (the mean learned embedding for all of them).
+            Used by the stage-2 model of every table and carried into stage 3's router.
+        unseen_epochs: passes over a user's history when fitting their embedding.
+        unseen_lr: learning rate of that fit (None: ``user_lr``, else ``lr``).
     """
 
     num_experts: int = 5
@@ -128,9 +135,14 @@ class GroupConfig:
     per_user_batch: int = 1
     epochs: int = 1
     max_steps: int | None = None
+    unseen: str = "fit"
+    unseen_epochs: int = 2
+    unseen_lr: float | None = None
 
     def __post_init__(self):
         _check(self.num_experts >= 1, "group.num_experts must be >= 1")
+        _check(self.unseen in ("fit", "mean"), f"group.unseen must be fit or mean, got {self.unseen!r}")
+        _check(self.unseen_epochs >= 1, "group.unseen_epochs must be >= 1")
         _check(self.router in ("user-aware", "text"), f"group.router must be user-aware or text, got {self.router!r}")
         _check(self.constraint_weight >= 0, "group.constraint_weight must be >= 0")
         _check(self.user_embedding in ("per-site", "shared"),

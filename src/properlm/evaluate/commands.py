@@ -39,7 +39,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(format_scores({"methods": {args.name: entry}}))
         return 0
     result = evaluate_run(args.run, methods=args.methods, sample=args.sample, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, rag_k=args.rag_k, progress=not args.quiet)
+                          batch_size=args.batch_size, rag_k=args.rag_k, progress=not args.quiet, decode=args.decode)
     print(f"{result['task']} on {args.run}:")
     print(format_scores(result))
     print(f"predictions and per-user scores in {args.run}/eval/<method>/")
@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true",
                    help="OPPU's sampling (temperature 0.1, top-p 0.9) instead of greedy decoding")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: by task kind)")
+    p.add_argument("--decode", choices=("free", "labels"), default="free",
+                   help="free: LaMP's free generation (default); labels: classification and rating tasks, the label "
+                        "with the highest likelihood (filed as METHOD@labels; ratings also METHOD@expected, the "
+                        "expected rating under those likelihoods)")
     p.add_argument("--batch-size", type=int, default=32, help="queries decoded together (mixing users)")
     p.add_argument("--rag-k", type=int, default=1, help="history items retrieved for rag and pag")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

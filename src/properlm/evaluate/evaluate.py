@@ -62,12 +62,27 @@ _STAGE_NEEDED = {"stage1": "population", "rag": "population", "pag": "population
                  "oppu-mlp": "population", "stage2": "group", "proper": "user"}
 
 
+#: Ways of decoding: LaMP's free generation, or the best label by likelihood (classification, rating).
+DECODES = ("free", "labels")
+#: Suffixes of methods decoded another way: ``proper@labels``; for ratings also ``proper@expected``
+#: (the expected rating under the labels' likelihoods).
+LABEL_SUFFIX, EXPECTED_SUFFIX = "@labels", "@expected"
+
+
 def canonical_method(name: str) -> str:
     """``"stage3"`` -> ``"proper"`` etc.; raises ProperError on an unknown method."""
     m = ALIASES.get(name, name)
     if m not in METHODS + REFERENCE_METHODS:
         raise ProperError(f"unknown method {name!r}: choose from {', '.join(METHODS + REFERENCE_METHODS)}")
     return m
+
+
+def decoding_of(method: str) -> str:
+    """How a filed method was decoded: ``free``, ``labels`` or ``expected``."""
+    for suffix, how in ((LABEL_SUFFIX, "labels"), (EXPECTED_SUFFIX, "expected")):
+        if method.endswith(suffix):
+            return how
+    return "free"
 
 
 def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
@@ -245,7 +260,8 @@ def _generate(model, tok, rows, settings: dict, batch_size: int, desc: str, prog
 
 def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, sample: bool = False,
                  max_new_tokens: int | None = None, batch_size: int = 32, max_prompt_tokens: int = 512,
-                 rag_k: int = 1, profile_max_new_tokens: int = 200, progress: bool = True) -> dict:
+                 rag_k: int = 1, profile_max_new_tokens: int = 200, progress: bool = True,
+                 decode: str = "free") -> dict:
     """Evaluate methods on a run's target users and write their predictions and scores.
 
     Args:
@@ -259,6 +275,11 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
         rag_k: history items retrieved for RAG and PAG (the paper: 1).
         profile_max_new_tokens: length limit of PAG's profiles (OPPU: 200).
         progress: show progress bars.
+        decode: ``"free"`` (LaMP's free generation, the default, comparable with the paper)
+            or ``"labels"`` (classification and rating tasks: every label is scored by its
+            likelihood as the answer and the best one is the prediction; filed as
+            ``<method>@labels``, and for ratings also ``<method>@expected``, the expected
+            rating under those likelihoods).
 
     Returns:
         ``{"run_dir", "task", "lamp_id", "config", "methods": {method: {"metrics",
@@ -269,7 +290,11 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
         ProperError: not a run directory, a stage a method needs is missing, unknown method.
     """
     run_dir = Path(run_dir)
+    if decode not in DECODES:
+        raise ProperError(f"unknown decoding {decode!r}: choose from {', '.join(DECODES)}")
     cfg, task, targets = load_targets(run_dir)
+    if decode == "labels" and not task.labels:
+        raise ProperError(f"--decode labels needs a task with a label set; {task.name} is a {task.kind} task")
     default = METHODS + (REFERENCE_METHODS if task.kind == "rating" else ())
     methods = list(dict.fromkeys(canonical_method(m) for m in (methods or default)))
     gold_qs = [q for u in targets for q in u.queries if q.gold is not None]
@@ -295,13 +320,37 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
         rows = _rows(method, model, cfg, run_dir, task, targets, tok, rag_k, max_prompt_tokens, sample,
                      profile_max_new_tokens, progress)
         t0 = time.time()
+        if decode == "labels":
+            for name, preds in _label_decode(model, tok, rows, task, settings, batch_size, method).items():
+                result["methods"][name] = _write_method(run_dir, task, targets, name, preds,
+                                                        generation_seconds=round(time.time() - t0, 3),
+                                                        settings={**settings, "decode": decoding_of(name)})
+            del model
+            continue
         preds = _generate(model, tok, rows, settings, batch_size, f"eval {method}", progress)
         seconds = time.time() - t0
         del model
         entry = _write_method(run_dir, task, targets, method, preds, generation_seconds=round(seconds, 3),
-                              settings=settings)
+                              settings={**settings, "decode": "free"})
         result["methods"][method] = entry
     return result
+
+
+def _label_decode(model, tok, rows, task: Task, settings: dict, batch_size: int, method: str
+                  ) -> dict[str, dict[str, str]]:
+    """``{method@labels: preds}`` (and ``method@expected`` for ratings) from the labels' likelihoods."""
+    from properlm.model.scoring import expected_value, label_loglik
+
+    labels = list(task.labels)
+    ll = label_loglik(model, tok, [r[1] for r in rows], labels, lora_users=[r[2] for r in rows],
+                      emb_users=[r[3] for r in rows], max_prompt_tokens=settings["max_prompt_tokens"],
+                      batch_size=max(batch_size, len(labels)), bf16=settings["bf16"])
+    best = ll.argmax(-1).tolist()
+    out = {method + LABEL_SUFFIX: {r[0]: labels[b] for r, b in zip(rows, best)}}
+    if task.kind == "rating":
+        ev = expected_value(ll, [float(x) for x in labels]).tolist()
+        out[method + EXPECTED_SUFFIX] = {r[0]: f"{v:.4f}" for r, v in zip(rows, ev)}
+    return out
 
 
 def _write_method(run_dir: Path, task: Task, targets: list[User], method: str, preds: dict[str, str],

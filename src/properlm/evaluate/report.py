@@ -127,17 +127,44 @@ def _final_method(r: dict) -> str | None:
     return next((m for m in ("proper", "stage2") if r["methods"].get(m, {}).get("metrics")), None)
 
 
-def _variant_table(entries: Sequence[tuple[dict, dict]], first: str) -> dict:
-    """Rows of (fixed leading cells, run): the run's PROPER scores (stage 2 if it has no stage 3)."""
-    cols = _metric_columns([r for _, r in entries])
+def _variant_table(entries: Sequence[tuple], first: str) -> dict:
+    """Rows of (fixed leading cells, run[, method]): the method's scores (default: PROPER, else stage 2)."""
+    cols = _metric_columns([e[1] for e in entries])
     rows = []
-    for lead, r in entries:
-        m = _final_method(r)
+    for entry in entries:
+        lead, r = entry[0], entry[1]
+        m = entry[2] if len(entry) > 2 else _final_method(r)
         row = {**lead, "method": m or ""}
-        if m:
+        if m and r["methods"].get(m, {}).get("metrics"):
             row.update({_col(r["task"], k): v for k, v in r["methods"][m]["metrics"].items()})
         rows.append(row)
     return {"columns": [first, "method", *[_col(*c) for c in cols]], "rows": rows}
+
+
+#: Ablations of stage 2: measured at stage 2, as the paper does (later stages sit on a fixed stage 2).
+STAGE2_ABLATIONS = {"text router", "no constraint loss"}
+
+
+def ablation_entries(mains: dict[str, dict], abl: Sequence[dict]) -> list[tuple[dict, dict, str]]:
+    """Table 3's rows: stage-2 ablations against full PROPER at stage 2 (plus labelled after-stage-3 rows),
+    stage-3 ablations against full PROPER after stage 3."""
+    has = lambda r, m: bool(r["methods"].get(m, {}).get("metrics"))  # noqa: E731
+    at2 = [r for r in abl if set(ablation_flags(r["config"])) <= STAGE2_ABLATIONS]
+    entries: list[tuple[dict, dict, str]] = []
+    for r in mains.values():
+        entries.append(({"variant": "PROPER (full)"}, r, "proper"))
+        if at2 and has(r, "stage2"):
+            entries.append(({"variant": "PROPER (full), stage 2"}, r, "stage2"))
+    for r in abl:
+        name = "w/ " + " + ".join(ablation_flags(r["config"]))
+        if r in at2:
+            if has(r, "stage2") or not has(r, "proper"):
+                entries.append(({"variant": f"{name}, stage 2"}, r, "stage2"))
+            if has(r, "proper"):
+                entries.append(({"variant": f"{name}, after stage 3"}, r, "proper"))
+        else:
+            entries.append(({"variant": name}, r, _final_method(r) or "proper"))
+    return entries
 
 
 def _numel(path: Path, skip: str = "fallback_emb") -> int:
@@ -229,9 +256,7 @@ def build_tables(results: Sequence[dict]) -> dict[str, dict]:
         tables["table2"] = _method_table(low)
     abl = [r for r in results if run_kind(r["config"]) == "ablation"]
     if abl:
-        entries = [({"variant": "PROPER (full)"}, r) for r in mains.values()]
-        entries += [({"variant": "w/ " + " + ".join(ablation_flags(r["config"]))}, r) for r in abl]
-        tables["table3"] = _variant_table(entries, "variant")
+        tables["table3"] = _variant_table(ablation_entries(mains, abl), "variant")
     sweep = sorted((r for r in results if run_kind(r["config"]) == "main"), key=_num_experts)
     if len({_num_experts(r) for r in sweep}) > 1:
         tables["experts"] = _variant_table([({"num_experts": _num_experts(r)}, r) for r in sweep], "num_experts")
@@ -286,6 +311,20 @@ def per_user_rows(results: Sequence[dict]) -> tuple[list[dict], list[str]]:
     return rows, ["run", "task", "method", "user_id", "history_len", "n_queries", *dict.fromkeys(metrics)]
 
 
+def decoding_note(results: Sequence[dict]) -> str:
+    """What decoding the reported methods used (LaMP's free generation unless a method says otherwise)."""
+    from properlm.evaluate.evaluate import decoding_of
+
+    kinds = {decoding_of(m) for r in results for m in r["methods"]}
+    parts = ["Decoding: free generation, greedy, parsed as LaMP does" + ("" if kinds <= {"free"} else
+             " (methods without a suffix)")]
+    if "labels" in kinds:
+        parts.append("`@labels`: the label with the highest likelihood as the answer")
+    if "expected" in kinds:
+        parts.append("`@expected`: the expected rating under the labels' likelihoods")
+    return "; ".join(parts) + "."
+
+
 def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: bool = True) -> dict:
     """Write the tables (Markdown, JSON, CSV) and figures for evaluated runs.
 
@@ -324,6 +363,7 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
             ari = ari_task if ari is None else ari
     files += list(figs.values())
     md = ["# PROPER evaluation report", "", "Runs: " + ", ".join(f"`{r['run_dir']}`" for r in results), ""]
+    md += [decoding_note(results), ""]
     for t in tables.values():
         md += [f"## {t['title']}", "", markdown_table(t), ""]
     if ari is not None:

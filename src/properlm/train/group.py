@@ -30,7 +30,8 @@ from properlm.train.multiuser import MultiUserSpec, run_multiuser
 STAGE = "group"
 
 
-def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False) -> Path:
+def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
+                unseen: list[Example] | None = None) -> Path:
     """Add stage-2 experts and routers to ``pm``, train them on ``examples``, save them.
 
     Args:
@@ -40,6 +41,8 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
         tok: the tokenizer.
         examples: training users' pairs (their ids become the embedding table).
         resume: continue from this stage's last checkpoint.
+        unseen: the target users' history pairs: with ``group.unseen=fit`` their
+            embeddings are fitted on them once the stage has trained (:func:`fit_unseen`).
     """
     gc = cfg.group
     seed_everything(cfg.seed)
@@ -60,7 +63,43 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     pm.set_fallback_embedding()
     if isinstance(pm.user_embs, UserParams):
         store_embeddings(pm, run_dir, users)
+        if unseen and gc.unseen == "fit":
+            fit_unseen(cfg, run_dir, pm, tok, unseen, resume=resume, stage=f"{STAGE}/fit")
     return save_group(pm, run_dir / STAGE)
+
+
+def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
+               stage: str = "group/fit", cancelled=None) -> list[str]:
+    """Fit the stage-2 embedding of users who were not in stage 2, on their own history, and store it.
+
+    Everything else is frozen (experts, routers, the other users' embeddings);
+    each user's embedding starts at the fallback (the mean learned embedding) and
+    follows their own language-model loss for ``group.unseen_epochs`` passes, so a
+    user whose data looks like a group's moves to that group's embedding. Users
+    train many per batch with the row-sparse per-user AdamW of the other stages,
+    so fitting them together or one at a time gives the same embeddings.
+
+    Returns:
+        The users fitted (written to ``RUN/store/emb``).
+    """
+    gc = cfg.group
+    users = sorted({e.user_id for e in examples})
+    if not users or pm.emb_shapes == {}:
+        return []
+    lr = gc.unseen_lr if gc.unseen_lr is not None else (gc.user_lr if gc.user_lr is not None else gc.lr)
+    kept = pm.user_embs
+    pm.user_embs = pm.new_emb_bank(users, seed=cfg.seed, start="fallback")
+    spec = MultiUserSpec(stage, {}, lr, train_embs=True, train_loras=False, user_lr=lr, weight_decay=0.0,
+                         constraint_weight=0.0, per_user_batch=gc.per_user_batch, users_per_step=gc.users_per_step,
+                         epochs=gc.unseen_epochs, max_steps=gc.max_steps)
+    try:
+        run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
+                      cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
+                      cancelled=cancelled)
+        store_embeddings(pm, run_dir, users)
+    finally:
+        pm.user_embs = kept
+    return users
 
 
 def emb_bank(run_dir: Path, pm: ProperModel) -> UserStore:

@@ -117,7 +117,8 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
             raise ProperError(f"stage {s}: no training examples (check the data split)")
         fn = {"population": train_population, "group": train_group,
               "user": train_end_to_end if e2e else train_users}[s]
-        fn(cfg, run_dir, model, tok, ex, resume=resume)
+        extra = {"unseen": stage_examples(ds.task, "user", train_u, target_u)} if s == "group" else {}
+        fn(cfg, run_dir, model, tok, ex, resume=resume, **extra)
         # Outputs are in place: the in-stage checkpoint is no longer needed.
         shutil.rmtree(run_dir / "checkpoints" / s, ignore_errors=True)
         write_manifest(run_dir, cfg)

@@ -115,7 +115,8 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
 
     shared = {}
     if uc.lora_aware_router and train_router:
-        shared = {n: p for n, p in pm.named_parameters() if ".router." in n}
+        # W_x and W_l train; W_e (stage 2's user term, carried over) stays as stage 2 left it.
+        shared = {n: p for n, p in pm.named_parameters() if ".router." in n and ".w_emb." not in n}
     for p in shared.values():
         p.requires_grad_(True)
     spec = MultiUserSpec(stage, shared, uc.router_lr, train_embs=False, train_loras=True, user_lr=uc.lr,

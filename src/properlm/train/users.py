@@ -7,7 +7,9 @@ frozen stages 1-2, and writes only their entries of the user store: every other
 user's files stay byte for byte as they were, and the cost is one user's work
 whatever the number of users in the run. A user who already has a LoRA is
 refreshed: training continues from their stored adapter and AdamW moments on
-their (new) history. (Deleting users is :func:`properlm.forget.forget_users`.)
+their (new) history. With ``group.unseen=fit`` a user who has no stage-2
+embedding gets one fitted on their history first (their group), as the
+targets did in stage 2. (Deleting users is :func:`properlm.forget.forget_users`.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from properlm.data.tasks import get_task
 from properlm.errors import ProperError
 from properlm.store.run import load_model, read_config, read_split, stages_done
 from properlm.train.examples import Example, user_examples
+from properlm.train.group import fit_unseen
 from properlm.train.run import load_data
 from properlm.train.user import train_users
 
@@ -77,9 +80,18 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         raise ProperError("the users to add have no history items to train on")
     pm, tok = load_model(cfg, run_dir, "done")
     stage = add_stage(user_ids)
+    if cfg.group.unseen == "fit" and pm.user_embs is not None:
+        # A user without a stage-2 embedding first gets one fitted on their history (their group),
+        # against the final model with their LoRA at zero; a refreshed user keeps theirs.
+        new = [u for u in user_ids if u not in pm.user_embs]
+        if new:
+            fit_unseen(cfg, run_dir, pm, tok, [e for e in examples if e.user_id in set(new)], resume=resume,
+                       stage=f"{stage}/fit", cancelled=cancelled)
+            for u in new:
+                pm.user_embs.evict(u)
     train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
                 cancelled=cancelled)
-    for d in (run_dir / "checkpoints" / stage, run_dir / "logs" / "tb" / stage):
+    for d in (run_dir / "checkpoints" / stage, run_dir / "logs" / "tb" / stage, run_dir / "logs" / stage):
         shutil.rmtree(d, ignore_errors=True)
     (run_dir / "logs" / f"{stage}.jsonl").unlink(missing_ok=True)
     return user_ids
