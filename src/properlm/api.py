@@ -87,7 +87,8 @@ class PersonalizedLM:
             return MODEL_BASE
         raise UnknownUser(user, f"in {self.run_dir}")
 
-    def _rows(self, users: list[str | None], fallback: bool) -> tuple[list[str | None], list[str | None]]:
+    def rows_for(self, users: list[str | None], fallback: bool = False) -> tuple[list[str | None], list[str | None]]:
+        """Per row, the LoRA user and the stage-2 embedding user its model reads (None: none)."""
         kinds = [self.model_for(u, fallback) for u in users]
         lora_rows = [u if k == MODEL_USER else None for u, k in zip(users, kinds)]
         embs = self.model.user_embs
@@ -110,7 +111,7 @@ class PersonalizedLM:
         """
         if len(queries) != len(users):
             raise ValueError("queries and users must have the same length")
-        lora_rows, emb_rows = self._rows(users, fallback)
+        lora_rows, emb_rows = self.rows_for(users, fallback)
         return generate(self.model, self.tok, queries, lora_users=lora_rows, emb_users=emb_rows,
                         max_new_tokens=max_new_tokens, bf16=self.cfg.bf16, **kw)
 
@@ -118,7 +119,7 @@ class PersonalizedLM:
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, users: list[str | None],
                fallback: bool = False) -> torch.Tensor:
         """Full logits (B, T, V) with each row personalized for its user."""
-        lora_rows, emb_rows = self._rows(users, fallback)
+        lora_rows, emb_rows = self.rows_for(users, fallback)
         self.model.bind(emb_users=emb_rows, lora_users=lora_rows)
         try:
             return self.model(input_ids, attention_mask)

@@ -119,6 +119,7 @@ COMMANDS: dict[str, Register | str] = {
     "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
     "demo": "properlm.demo:register",
     "experiments": "properlm.experiments:register",
+    "serve": "properlm.serve.commands:register",
 }
 
 

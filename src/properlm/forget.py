@@ -15,8 +15,8 @@ checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's row
                                          removed; each method's metrics recomputed without them
 ``RUN/report/``                          removed when it holds the user's rows (rerun
                                          ``properlm report``)
-``RUN/serve/``                           the server's records of the user (key, jobs, uploaded
-                                         history) removed by the server's own hook
+``RUN/serve/``                           the server's records of the user (API keys, onboarding
+                                         jobs, uploaded history) removed
 =======================================  ====================================================
 
 Each file is rewritten atomically, only when it holds the user. What the user's
@@ -27,16 +27,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
-
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json
 from properlm.store.run import banks, is_run
 from properlm.train.loop import checkpoints_holding
-
-#: Extra scrubbers (e.g. the server's) called as ``hook(run_dir, user_ids) -> {what: count}``.
-HOOKS: list[Callable[[Path, set[str]], dict[str, int]]] = []
-
 
 def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     """Remove everything of ``user_ids`` from the run directory; counts of what was removed, by kind."""
@@ -63,9 +57,9 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     if report.is_dir() and _mentions(report, ids):
         shutil.rmtree(report)
         count("report directories", 1)
-    for hook in HOOKS:
-        for what, n in hook(run_dir, ids).items():
-            count(what, n)
+    from properlm.serve.jobs import forget_serve_state
+
+    count("server records (keys, jobs, uploads)", sum(forget_serve_state(run_dir, u) for u in ids))
     return removed
 
 

@@ -7,9 +7,13 @@ every loaded run starts from the base with that adapter merged in,
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from peft import PeftModel
+
+# PEFT calls a transformers method that warns about its own rename; not ours to act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def merge_population(lm, adapter_dir: str | Path):

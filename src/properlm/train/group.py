@@ -69,7 +69,7 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
 
 
 def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
-               stage: str = "group/fit", cancelled=None) -> list[str]:
+               stage: str = "group/fit", on_step=None) -> list[str]:
     """Fit the stage-2 embedding of users who were not in stage 2, on their own history, and store it.
 
     Everything else is frozen (experts, routers, the other users' embeddings);
@@ -95,7 +95,7 @@ def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: li
     try:
         run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
                       cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
-                      cancelled=cancelled)
+                      on_step=on_step)
         store_embeddings(pm, run_dir, users)
     finally:
         pm.user_embs = kept

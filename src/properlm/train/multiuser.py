@@ -99,7 +99,7 @@ class Cohorts:
 
 
 class Cancelled(Exception):
-    """Raised between steps when a loop's ``cancelled()`` says so; the cohort in training is not written."""
+    """Raised between steps when a loop's ``on_step`` says so; the cohort in training is not written."""
 
 
 def constraint_loss(routes: torch.Tensor, users: list[str]) -> torch.Tensor:
@@ -138,7 +138,7 @@ def _load_bank_tensors(pm: ProperModel, spec: MultiUserSpec, tensors: dict[str, 
 def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example], encode: Callable[[Example], Encoded],
                   pad_id: int, run_dir: Path, seed: int, checkpoint_every: int, max_grad_norm: float, bf16: bool,
                   progress: bool, resume: bool, cohorts: Cohorts | None = None,
-                  cancelled: Callable[[], bool] | None = None) -> None:
+                  on_step: Callable[[int, int], bool] | None = None) -> None:
     """Train ``spec``'s parameters on ``examples`` with many users per step (see module doc).
 
     Args:
@@ -150,7 +150,8 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
         run_dir: where ``logs/`` and ``checkpoints/<stage>`` go.
         seed, checkpoint_every, max_grad_norm, bf16, progress, resume: as in the run config.
         cohorts: train the users in cohorts (None: all users at once, banks already set).
-        cancelled: polled before every step; true -> :class:`Cancelled` is raised.
+        on_step: called before every step with ``(step, steps)`` (progress); returning true
+            cancels: :class:`Cancelled` is raised and the cohort in training is not written.
     """
     by_user: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
@@ -229,7 +230,7 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
     pm.train()
     with frozen_bf16(pm.lm, bf16):  # the same numbers as autocast's per-call casts, without them
         for step in range(start, len(plan)):
-            if cancelled is not None and cancelled():
+            if on_step is not None and on_step(step, len(plan)):
                 prog.close()
                 logger.close()
                 raise Cancelled(f"{spec.stage}: cancelled at step {step}")

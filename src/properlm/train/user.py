@@ -73,7 +73,7 @@ def store_cohort(store: UserStore, bank: UserParams, users: list[str], keep_opti
 def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example],
                 resume: bool = False, train_router: bool = True, stage: str = STAGE, bank: str = LORA,
                 work_dir: Path | None = None, from_store: bool = False,
-                cancelled: Callable[[], bool] | None = None) -> UserStore:
+                on_step: Callable[[int, int], bool] | None = None) -> UserStore:
     """Train a LoRA for every user in ``examples`` (and the shared router) and store them.
 
     Args:
@@ -89,7 +89,7 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
         work_dir: where logs and checkpoints go (default: ``run_dir``).
         from_store: a user already in the bank continues from their stored LoRA and
             moments (``users add`` refreshing them); otherwise every user starts fresh.
-        cancelled: polled before every step (see :class:`~properlm.train.multiuser.Cancelled`).
+        on_step: progress and cancellation hook, see :func:`~properlm.train.multiuser.run_multiuser`.
 
     Returns:
         The bank the users were written to. ``pm.user_loras`` holds the last cohort.
@@ -126,7 +126,7 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id,
                   Path(work_dir or run_dir), cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16,
                   cfg.progress, resume, cohorts=Cohorts(make_cohorts(users, uc.cohort_size, cfg.seed), begin, end,
-                                                        from_store=from_store), cancelled=cancelled)
+                                                        from_store=from_store), on_step=on_step)
     for p in shared.values():
         p.requires_grad_(False)
     if train_router:

@@ -25,6 +25,7 @@ from properlm.errors import ProperError
 from properlm.store.run import load_model, read_config, read_split, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import fit_unseen
+from properlm.train.multiuser import Cancelled
 from properlm.train.run import load_data
 from properlm.train.user import train_users
 
@@ -55,7 +56,7 @@ def history_examples(run_dir: str | Path, user_ids: list[str], data: str | Path 
 
 def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None = None,
               examples: list[Example] | None = None, resume: bool = False,
-              cancelled: Callable[[], bool] | None = None) -> list[str]:
+              on_step: Callable[[int, int], bool] | None = None) -> list[str]:
     """Train (or refresh) the LoRAs of ``user_ids`` in a finished run; returns the ids trained.
 
     Args:
@@ -65,8 +66,9 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
             default: the run's own data.
         examples: their history pairs directly (instead of ``data``), e.g. from the server.
         resume: continue an interrupted add of the same users from its checkpoint.
-        cancelled: polled between steps; when it returns true the add stops and
-            nothing of it is written (see :class:`properlm.train.multiuser.Cancelled`).
+        on_step: called before every step with ``(step, steps)`` (of the embedding fit,
+            then of the LoRA training); when it returns true the add stops and nothing
+            of it is written (:class:`properlm.train.multiuser.Cancelled`).
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -80,18 +82,27 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         raise ProperError("the users to add have no history items to train on")
     pm, tok = load_model(cfg, run_dir, "done")
     stage = add_stage(user_ids)
-    if cfg.group.unseen == "fit" and pm.user_embs is not None:
-        # A user without a stage-2 embedding first gets one fitted on their history (their group),
-        # against the final model with their LoRA at zero; a refreshed user keeps theirs.
-        new = [u for u in user_ids if u not in pm.user_embs]
-        if new:
-            fit_unseen(cfg, run_dir, pm, tok, [e for e in examples if e.user_id in set(new)], resume=resume,
-                       stage=f"{stage}/fit", cancelled=cancelled)
-            for u in new:
-                pm.user_embs.evict(u)
-    train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
-                cancelled=cancelled)
+    try:
+        if cfg.group.unseen == "fit" and pm.user_embs is not None:
+            # A user without a stage-2 embedding first gets one fitted on their history (their group),
+            # against the final model with their LoRA at zero; a refreshed user keeps theirs.
+            new = [u for u in user_ids if u not in pm.user_embs]
+            if new:
+                fit_unseen(cfg, run_dir, pm, tok, [e for e in examples if e.user_id in set(new)], resume=resume,
+                           stage=f"{stage}/fit", on_step=on_step)
+                for u in new:
+                    pm.user_embs.evict(u)
+        train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
+                    on_step=on_step)
+    except Cancelled:
+        _clean(run_dir, stage)
+        raise
+    _clean(run_dir, stage)
+    return user_ids
+
+
+def _clean(run_dir: Path, stage: str) -> None:
+    """An add's logs and checkpoints are its own: removed when it ends (kept after a crash, to resume)."""
     for d in (run_dir / "checkpoints" / stage, run_dir / "logs" / "tb" / stage, run_dir / "logs" / stage):
         shutil.rmtree(d, ignore_errors=True)
     (run_dir / "logs" / f"{stage}.jsonl").unlink(missing_ok=True)
-    return user_ids

@@ -1,0 +1,182 @@
+"""Token-by-token decoding of a batch whose rows belong to different users and may join or leave.
+
+:class:`DecodeBatch` holds the running rows: their KV cache (left-padded, one
+``DynamicCache`` for the batch), attention mask and positions, and the rows'
+users bound on the :class:`~properlm.model.proper.ProperModel`. Each call of
+:meth:`DecodeBatch.step` is one forward pass over every row (one new token
+each), whatever mix of users they are. New rows are prefilled on their own and
+merged in between steps (continuous batching); finished rows are dropped.
+``properlm generate`` and the server both decode through it, so a row's answer
+is computed the same way on either path.
+
+Rows are independent: a row's logits depend only on its own tokens and its
+own user (masked positions contribute exact zeros), which the tests check
+against decoding each row alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from properlm.model.device import autocast, device_of
+from properlm.model.proper import ProperModel
+
+
+@dataclass
+class Row:
+    """One sequence being decoded.
+
+    Attributes:
+        key: the caller's handle for the row.
+        prompt: token ids of the formatted prompt.
+        lora_user, emb_user: whose stage-3 LoRA / stage-2 embedding apply (None: none).
+        generated: token ids produced so far.
+    """
+
+    key: object
+    prompt: list[int]
+    lora_user: str | None = None
+    emb_user: str | None = None
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class DecodeBatch:
+    """The rows being decoded together, their cache and users.
+
+    Args:
+        model: a :class:`ProperModel` or a plain HF causal LM (then users are ignored).
+        pad_id: the tokenizer's pad id (for left padding).
+        bf16: bfloat16 autocast.
+    """
+
+    def __init__(self, model, pad_id: int, bf16: bool = False):
+        self.model = model
+        self.lm = model.lm if isinstance(model, ProperModel) else model
+        self.device = device_of(self.lm)
+        self.pad_id, self.bf16 = pad_id, bf16
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None    # (B, T) 1 on real tokens
+        self.next_logits: torch.Tensor | None = None  # (B, V) float32, the logits of each row's next token
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- users ---------------------------------------------------------------------------------
+    def _bind(self, rows: list[Row]) -> None:
+        if isinstance(self.model, ProperModel):
+            self.model.bind(lora_users=[r.lora_user for r in rows], emb_users=[r.emb_user for r in rows])
+
+    def _forward(self, ids, mask, pos, cache, rows: list[Row]) -> torch.Tensor:
+        self._bind(rows)
+        try:
+            with torch.no_grad(), autocast(self.bf16, self.device):
+                out = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                              use_cache=True)
+        finally:
+            if isinstance(self.model, ProperModel):
+                self.model.state.clear()
+        return out.logits[:, -1].float()
+
+    # -- joining -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, rows: list[Row]) -> torch.Tensor:
+        """Prefill ``rows`` (together, left-padded) and merge them into the batch; their next-token logits (b, V)."""
+        if not rows:
+            return torch.empty(0)
+        t = max(r.length for r in rows)
+        cpu = torch.device("cpu")
+        ids = torch.full((len(rows), t), self.pad_id, dtype=torch.long, device=cpu)
+        mask = torch.zeros((len(rows), t), dtype=torch.long, device=cpu)
+        for i, r in enumerate(rows):
+            seq = r.prompt + r.generated
+            ids[i, t - len(seq):] = torch.tensor(seq, device=cpu)
+            mask[i, t - len(seq):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, pos, cache, rows)
+        self._merge(rows, cache, mask, logits)
+        return logits
+
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.cache is None or not self.rows:
+            self.rows, self.cache, self.mask, self.next_logits = list(rows), cache, mask, logits
+            return
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, t - t_old, 2), _pad_left(new.keys, t - t_new, 2)], 0)
+            old.values = torch.cat([_pad_left(old.values, t - t_old, 2), _pad_left(new.values, t - t_new, 2)], 0)
+        self.mask = torch.cat([_pad_left(self.mask, t - t_old, 1), _pad_left(mask, t - t_new, 1)], 0)
+        self.rows += rows
+        self.next_logits = torch.cat([self.next_logits, logits], 0)
+
+    # -- leaving -------------------------------------------------------------------------------
+    def remove(self, keys: set) -> None:
+        """Drop the rows with these keys (finished, cancelled, timed out)."""
+        keep = [i for i, r in enumerate(self.rows) if r.key not in keys]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.cache, self.mask, self.next_logits = [], None, None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys.index_select(0, idx), layer.values.index_select(0, idx)
+        self.mask = self.mask.index_select(0, idx)
+        self.next_logits = self.next_logits.index_select(0, idx)
+        self.rows = [self.rows[i] for i in keep]
+        # Columns every row has as padding are dropped (a long prompt that left leaves no dead width behind).
+        lead = int((self.mask.cumsum(1) == 0).sum(1).min())
+        if lead:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:].contiguous(), layer.values[:, :, lead:].contiguous()
+            self.mask = self.mask[:, lead:].contiguous()
+
+    # -- one token for every row ---------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each row its chosen next token (in row order); returns the logits after it (B, V)."""
+        if len(tokens) != len(self.rows):
+            raise ValueError("one token per row")
+        for r, tok in zip(self.rows, tokens):
+            r.generated.append(int(tok))
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        pos = torch.tensor([[r.length - 1] for r in self.rows], dtype=torch.long, device=self.device)
+        self.next_logits = self._forward(ids, self.mask, pos, self.cache, self.rows)
+        return self.next_logits
+
+
+def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """The next token from one row's logits (V,): greedy at temperature 0, else sampled (top-k, then top-p)."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    x = logits.float() / temperature
+    if top_k is not None and 0 < top_k < x.numel():
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, -1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        cut = (sp.cumsum(0) - sp) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

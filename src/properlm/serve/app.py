@@ -1,0 +1,423 @@
+"""The FastAPI application: OpenAI's completion and chat endpoints for every user of a run, onboarding, forgetting.
+
+    properlm serve --run runs/demo --port 8000
+
+Routes (OpenAI's where there is one):
+
+=====================================  ==========================================================
+``POST /v1/completions``               a prompt; ``model`` is the user id (or ``"base"``, or the run's
+                                       name ``"properlm"`` with the ``user`` field)
+``POST /v1/chat/completions``          messages, with the base tokenizer's chat template
+``GET /v1/models``                     the models a key may use (the admin's: every user)
+``GET /health``                        liveness and load (no key needed)
+``POST /v1/users/{id}/history``        admin: upload a user's JSONL history, start their onboarding job
+``GET /v1/jobs/{id}``                  a job's state and progress (admin, or the job's user)
+``DELETE /v1/users/{id}``              admin: forget the user (every trace, on disk and in memory)
+``GET /v1/users``                      admin: list the users with a personalized model
+``POST /v1/users/{id}/keys``           admin: issue another API key for a user
+=====================================  ==========================================================
+
+Every error is one JSON object ``{"error": {"message", "type", "param", "code"}}``:
+malformed JSON 400, a missing or mistyped field 422 (naming it), a prompt longer
+than the context 400, a body over the limit 413, no or a wrong key 401, another
+user's model 403, an unknown user 404, a full queue 429 with ``Retry-After``, a
+timeout 504. Each response says which model answered: the ``X-Properlm-Model``
+header and the body's ``properlm`` field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from properlm.api import MODEL_BASE, load_run
+from properlm.errors import ProperError, UnknownUser
+from properlm.model.prompts import SYSTEM_PROMPT, encode_prompt
+from properlm.serve.engine import Engine, GenRequest, QueueFull
+from properlm.serve.jobs import Jobs, parse_history
+from properlm.serve.keys import Identity, Keys
+from properlm.serve.protocol import (ChatCompletionRequest, CompletionRequest, chunk, completion_response,
+                                     error_body, new_id, properlm_field)
+from properlm.serve.settings import ServeConfig
+
+log = logging.getLogger("properlm.serve")
+#: The run's own model name: with it, the OpenAI ``user`` field chooses the user.
+SERVED_NAME = "properlm"
+ADMIN = Identity(admin=True)
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": ...}`` with its status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, status, param), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413 before the route sees it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = _error(413, f"request body over the limit of {self.limit} bytes", "request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        seen = 0
+        chunks = []
+        while True:  # read the whole body (bounded) so that a chunked upload is counted too
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                return await too_big(scope, receive, send)
+            chunks.append(msg)
+            if not msg.get("more_body"):
+                break
+        replay = iter(chunks)
+
+        async def again():
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
+
+        return await self.app(scope, again, send)
+
+
+class Server:
+    """What the routes share: the loaded run, the engine, keys and jobs."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.lm = load_run(cfg.run, cache_mb=cfg.cache_mb, device=cfg.device)
+        self.tok = self.lm.tok
+        self.context = int(getattr(self.lm.model.lm.config, "max_position_embeddings", 2048))
+        self.engine = Engine(self.lm.model, self.tok, bf16=self.lm.cfg.bf16, max_batch=cfg.max_batch,
+                             max_queue=cfg.max_queue)
+        self.keys = Keys(cfg.run / "serve")
+        self.jobs = Jobs(cfg.run, on_done=self.lm.forget, train_threads=cfg.train_threads)
+        self.admin_key = cfg.admin_key
+        self.new_admin_key: str | None = None
+        if cfg.auth and not self.admin_key and not self.keys.has_admin():
+            self.new_admin_key = self.keys.issue(None)  # shown once, by the command; only its hash is kept
+
+    def start(self) -> None:
+        self.engine.start()
+        self.jobs.start()
+
+    def close(self) -> None:
+        self.engine.close()
+        self.jobs.close()
+
+    # -- auth ------------------------------------------------------------------------------------
+    def identity(self, request: Request) -> Identity:
+        if not self.cfg.auth:
+            return ADMIN
+        head = request.headers.get("authorization", "")
+        key = head[7:].strip() if head.lower().startswith("bearer ") else None
+        if not key:
+            raise ApiError(401, "no API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        if self.admin_key is not None and _same(key, self.admin_key):
+            return ADMIN
+        ident = self.keys.check(key)
+        if ident is None:
+            raise ApiError(401, "invalid API key", "authentication_error")
+        return ident
+
+    @staticmethod
+    def need_admin(ident: Identity) -> None:
+        if not ident.admin:
+            raise ApiError(403, "this needs the admin key", "permission_error")
+
+    # -- which model answers ----------------------------------------------------------------------
+    def resolve(self, model: str, user_field: str | None, ident: Identity) -> tuple[str | None, str, str | None]:
+        """``(user, model kind, reason)`` for a request, or an ApiError (403/404/400)."""
+        if model == "base":
+            user = None
+        elif model == SERVED_NAME:
+            if not user_field:
+                raise ApiError(400, f"model {SERVED_NAME!r} needs the 'user' field (or give the user id as 'model')",
+                               param="user")
+            user = user_field
+        else:
+            user = model
+        if not ident.admin and user != ident.user:
+            raise ApiError(403, f"this key may use only the model of user {ident.user!r}", "permission_error",
+                           param="model")
+        if user is None:
+            return None, MODEL_BASE, None
+        job = self.jobs.active_for(user)
+        try:
+            kind = self.lm.model_for(user)
+        except UnknownUser:
+            if job is not None:
+                return user, MODEL_BASE, "onboarding: their adapter is being trained"
+            raise ApiError(404, f"unknown user {user!r}: no personalized model in this run", "not_found_error",
+                           param="model") from None
+        return user, kind, "refresh in progress: answered by their previous adapter" if job else None
+
+    def rows_users(self, user: str | None, kind: str) -> tuple[str | None, str | None]:
+        if kind == MODEL_BASE or user is None:
+            return None, None
+        lora, emb = self.lm.rows_for([user])
+        return lora[0], emb[0]
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _param(loc) -> str:
+    parts = [str(x) for x in loc if x != "body"]
+    return ".".join(parts) or "body"
+
+
+def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
+    """The application for ``cfg`` (the run is loaded here; the engine and jobs start with the app)."""
+    srv = server or Server(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        srv.start()
+        try:
+            yield
+        finally:
+            srv.close()
+
+    app = FastAPI(title="properlm", lifespan=lifespan)
+    app.state.server = srv
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return _error(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        errs = e.errors()
+        bad_json = next((x for x in errs if x.get("type") == "json_invalid"), None)
+        if bad_json is not None:
+            return _error(400, f"malformed JSON: {bad_json.get('ctx', {}).get('error', bad_json.get('msg'))}",
+                          "invalid_request_error")
+        first = errs[0]
+        param = _param(first.get("loc", ()))
+        return _error(422, f"field '{param}': {first.get('msg')}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}", "server_error")
+
+    # -- generation -----------------------------------------------------------------------------
+    async def generate(request: Request, body, chat: bool):
+        ident = srv.identity(request)
+        user, kind, reason = srv.resolve(body.model, body.user, ident)
+        if chat:
+            msgs = [m.model_dump() for m in body.messages]
+            if msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *msgs]
+            text = srv.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = srv.tok(text, add_special_tokens=False).input_ids
+            max_tokens = body.max_tokens or max(1, min(512, srv.context - len(ids)))
+        else:
+            if isinstance(body.prompt, list):
+                if len(body.prompt) != 1:
+                    raise ApiError(400, "one prompt per request", param="prompt")
+                prompt = body.prompt[0]
+            else:
+                prompt = body.prompt
+            ids = encode_prompt(srv.tok, prompt, max_prompt_tokens=10 ** 9)
+            max_tokens = body.max_tokens or 16
+        if len(ids) + max_tokens > srv.context:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}; the model's context "
+                                f"is {srv.context} tokens", param="messages" if chat else "prompt")
+        lora_user, emb_user = srv.rows_users(user, kind)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = GenRequest(ids, lora_user, emb_user, user, max_tokens, body.temperature, body.top_p, body.seed,
+                         body.stops(), time.monotonic() + cfg.request_timeout,
+                         lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)))
+        try:
+            srv.engine.submit(req)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}; retry shortly", "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        who = properlm_field(kind, user, reason)
+        headers = {"X-Properlm-Model": kind}
+        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731
+                           "total_tokens": len(ids) + n}
+        if body.stream:
+            async def sse():
+                finished = False
+                try:
+                    yield _sse(chunk(rid, body.model, None, None, chat, who, first=True))
+                    while True:
+                        k, v = await events.get()
+                        if k == "delta":
+                            yield _sse(chunk(rid, body.model, v, None, chat))
+                        elif k == "done":
+                            finished = True
+                            last = chunk(rid, body.model, None, v["finish_reason"], chat)
+                            last["usage"] = usage(v["completion_tokens"])
+                            yield _sse(last)
+                            break
+                        else:
+                            finished = True
+                            status, message = v
+                            yield _sse(error_body(message, "server_error" if status >= 500 else
+                                                  "invalid_request_error", status))
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if not finished:  # the client went away mid-stream
+                        srv.engine.cancel(req, "client disconnected")
+
+            return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
+        text = []
+        while True:
+            try:
+                k, v = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    srv.engine.cancel(req, "client disconnected")
+                    return JSONResponse({}, status_code=499)
+                continue
+            if k == "delta":
+                text.append(v)
+            elif k == "done":
+                return JSONResponse(completion_response(rid, body.model, v["text"], v["finish_reason"],
+                                                        usage(v["completion_tokens"]), who, chat), headers=headers)
+            else:
+                status, message = v
+                kind_ = {404: "not_found_error", 504: "timeout", 499: "cancelled"}.get(status, "server_error")
+                raise ApiError(status, message, kind_)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await generate(request, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await generate(request, body, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        ident = srv.identity(request)
+        if ident.admin:
+            ids = ["base", SERVED_NAME, *srv.lm.users]
+        else:
+            ids = [ident.user]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "properlm"}
+                                           for i in ids]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "run": str(cfg.run), "level": srv.lm.level, **srv.engine.load}
+
+    # -- users ----------------------------------------------------------------------------------
+    @app.post("/v1/users/{user_id}/history", status_code=202)
+    async def upload_history(user_id: str, request: Request):
+        srv.need_admin(srv.identity(request))
+        body = await request.body()
+        if srv.lm.level != "user":
+            raise ApiError(400, "onboarding needs a run with all three stages trained")
+        if srv.jobs.active_for(user_id) is not None:
+            raise ApiError(409, f"user {user_id!r} already has an onboarding job running", param="user_id")
+        try:
+            examples = await asyncio.to_thread(parse_history, body, user_id,
+                                               cfg.run / "serve" / "tmp" / f"{new_id('up')}.jsonl")
+        except (ProperError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"history: {' '.join(str(e).split())}", param="body") from None
+        refresh = user_id in srv.lm.model.user_loras if srv.lm.model.user_loras is not None else False
+        job = srv.jobs.submit(user_id, body, examples, refresh)
+        out = {"user": user_id, "job": job, "refresh": refresh}
+        if not srv.keys.user_record(user_id).get("keys"):
+            out["api_key"] = srv.keys.issue(user_id)  # shown once; only its hash is kept
+        return out
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request):
+        ident = srv.identity(request)
+        job = srv.jobs.get(job_id) if job_id.isalnum() else None
+        if job is None:
+            raise ApiError(404, f"unknown job {job_id!r}", "not_found_error", param="job_id")
+        if not ident.admin and ident.user != job["user"]:
+            raise ApiError(403, "this job belongs to another user", "permission_error")
+        return job
+
+    @app.delete("/v1/users/{user_id}")
+    async def delete_user(user_id: str, request: Request):
+        srv.need_admin(srv.identity(request))
+        from properlm.forget import forget_users
+
+        known = (any(user_id in b for b in (srv.lm.model.user_loras, srv.lm.model.user_embs) if b is not None)
+                 or srv.jobs.active_for(user_id) is not None or srv.keys.user_record(user_id).get("keys"))
+        if not known:
+            raise ApiError(404, f"unknown user {user_id!r}", "not_found_error", param="user_id")
+        srv.engine.cancel_user(user_id)
+        await asyncio.to_thread(srv.jobs.cancel_user, user_id)
+        srv.jobs.forget(user_id)
+        removed = await asyncio.to_thread(forget_users, cfg.run, [user_id])
+        srv.lm.forget(user_id)
+        return {"deleted": user_id, "removed": removed}
+
+    @app.get("/v1/users")
+    async def list_users(request: Request):
+        srv.need_admin(srv.identity(request))
+        return {"object": "list", "data": srv.lm.users}
+
+    @app.post("/v1/users/{user_id}/keys", status_code=201)
+    async def new_key(user_id: str, request: Request):
+        srv.need_admin(srv.identity(request))
+        try:
+            srv.lm.model_for(user_id)
+        except UnknownUser:
+            raise ApiError(404, f"unknown user {user_id!r}", "not_found_error", param="user_id") from None
+        return {"user": user_id, "api_key": srv.keys.issue(user_id)}
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until interrupted (uvicorn)."""
+    import uvicorn
+
+    srv = Server(cfg)
+    if srv.new_admin_key:
+        print(f"properlm serve: new admin key (shown once, only its hash is stored): {srv.new_admin_key}",
+              file=sys.stderr, flush=True)
+    app = create_app(cfg, srv)
+    print(f"properlm serve: {cfg.run} on http://{cfg.host}:{cfg.port} ({srv.lm.level} level, "
+          f"{'auth on' if cfg.auth else 'NO AUTH, loopback only'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

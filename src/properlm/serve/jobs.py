@@ -1,0 +1,246 @@
+"""Onboarding jobs: a user's uploaded history trained into their LoRA in the background.
+
+``POST /v1/users/{id}/history`` checks every record (nothing is stored when
+one is bad), writes the history to ``RUN/serve/uploads/<h>.jsonl`` and queues a
+job; one worker thread runs the jobs in turn with :func:`properlm.train.users.add_users`,
+the same code as ``properlm users add`` (their stage-2 group fitted, then their
+LoRA against the frozen stages). A job's record ``RUN/serve/jobs/<id>.json``
+reports its state and progress. Jobs that a restart interrupted are queued
+again at start and resume from their checkpoint. When a job ends the upload is
+removed; cancelling (the user deleted) stops it between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from properlm.data.jsonl import load_jsonl
+from properlm.errors import ProperError
+from properlm.io import read_json, write_json, write_text
+from properlm.store.user_store import user_hash
+from properlm.train.examples import Example
+
+log = logging.getLogger("properlm.serve")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+
+
+def parse_history(body: bytes, user: str, scratch: Path) -> list[Example]:
+    """The training pairs of an uploaded JSONL history (the documented format; ``user_id`` optional).
+
+    Raises:
+        ProperError: the first bad record, as ``line N: field 'f': what``; a record of another user.
+    """
+    import json
+
+    from properlm.errors import DataError
+
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for n, raw in enumerate(body.decode("utf-8", errors="strict").splitlines(), 1):
+        if not raw.strip():
+            lines.append(raw)
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError as e:
+            raise ProperError(f"line {n}: malformed JSON: {e}") from None
+        if isinstance(rec, dict):
+            if rec.setdefault("user_id", user) != user:
+                raise ProperError(f"line {n}: field 'user_id': {rec['user_id']!r} is not the user of this upload "
+                                  f"({user!r})")
+        lines.append(json.dumps(rec))
+    write_text(scratch, "\n".join(lines) + "\n")
+    try:
+        ds = load_jsonl(scratch, n_queries=0)
+    except DataError as e:
+        where = ": ".join(x for x in (e.record, f"field '{e.field}'" if e.field else None) if x)
+        raise ProperError(f"{where}: {e.message}" if where else e.message) from None
+    finally:
+        scratch.unlink(missing_ok=True)
+    items = [it for u in ds.users for it in u.history]
+    if not items:
+        raise ProperError("no history record to train on")
+    return [Example(user, it.fields["prompt"], it.fields["response"]) for it in items]
+
+
+class Jobs:
+    """The onboarding queue of one served run.
+
+    Args:
+        run_dir: the run.
+        on_done: called with the user id when their job succeeded (the server evicts them
+            from its caches so the new adapter is read).
+        train_threads: torch threads while training (None: unchanged).
+    """
+
+    def __init__(self, run_dir: str | Path, on_done: Callable[[str], None], train_threads: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "serve"
+        self.on_done, self.train_threads = on_done, train_threads
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._cancel: dict[str, threading.Event] = {}
+        self.active: dict[str, str] = {}  # user -> their queued or running job
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="properlm-jobs", daemon=True)
+
+    # -- records -------------------------------------------------------------------------------
+    def _path(self, jid: str) -> Path:
+        return self.root / "jobs" / f"{jid}.json"
+
+    def upload_path(self, user: str) -> Path:
+        return self.root / "uploads" / f"{user_hash(user)}.jsonl"
+
+    def get(self, jid: str) -> dict | None:
+        p = self._path(jid)
+        return read_json(p) if p.exists() else None
+
+    def _save(self, job: dict) -> None:
+        job["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(self._path(job["id"]), job)
+
+    def all(self) -> list[dict]:
+        d = self.root / "jobs"
+        return [read_json(p) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+    def active_for(self, user: str) -> dict | None:
+        """The user's queued or running job, if any (from memory: no file is read for a user without one)."""
+        jid = self.active.get(user)
+        job = self.get(jid) if jid else None
+        return job if job is not None and job["state"] in (QUEUED, RUNNING) else None
+
+    # -- submitting ----------------------------------------------------------------------------
+    def start(self) -> "Jobs":
+        """Start the worker; jobs a restart interrupted are queued again (they resume)."""
+        for job in self.all():
+            if job["state"] in (QUEUED, RUNNING):
+                job["state"], job["resume"] = QUEUED, True
+                self._save(job)
+                self._cancel[job["id"]] = threading.Event()
+                self.active[job["user"]] = job["id"]
+                self._queue.put(job["id"])
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        for ev in self._cancel.values():
+            ev.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, user: str, body: bytes, examples: list[Example], refresh: bool) -> dict:
+        """Store the upload and queue a job; returns the job record."""
+        write_text(self.upload_path(user), body.decode("utf-8"))
+        jid = uuid.uuid4().hex
+        job = {"id": jid, "user": user, "state": QUEUED, "refresh": refresh, "records": len(examples),
+               "progress": {"step": 0, "steps": None}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._save(job)
+        with self._lock:
+            self._cancel[jid] = threading.Event()
+            self.active[user] = jid
+        self._queue.put(jid)
+        return job
+
+    def cancel_user(self, user: str, wait: float = 60.0) -> int:
+        """Cancel the user's queued and running jobs and wait for a running one to stop; how many."""
+        jobs = [j for j in self.all() if j["user"] == user and j["state"] in (QUEUED, RUNNING)]
+        for j in jobs:
+            ev = self._cancel.get(j["id"])
+            if ev is not None:
+                ev.set()
+        t_end = time.monotonic() + wait
+        while time.monotonic() < t_end and any((self.get(j["id"]) or {}).get("state") == RUNNING for j in jobs):
+            time.sleep(0.05)
+        return len(jobs)
+
+    def forget(self, user: str) -> int:
+        """Remove the user's job records and upload; how many files."""
+        with self._lock:
+            for j in self.all():
+                if j["user"] == user:
+                    self._cancel.pop(j["id"], None)
+            self.active.pop(user, None)
+        return forget_serve_state(self.run_dir, user, keys=False)
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        import torch
+
+        from properlm.train.multiuser import Cancelled
+        from properlm.train.users import add_users
+
+        if self.train_threads:
+            torch.set_num_threads(self.train_threads)
+        while True:
+            jid = self._queue.get()
+            if jid is None:
+                return
+            job = self.get(jid)
+            ev = self._cancel.get(jid)
+            if job is None or ev is None:
+                continue
+            if ev.is_set():
+                job["state"] = CANCELLED
+                self._save(job)
+                continue
+            job["state"] = RUNNING
+            self._save(job)
+            last = [0.0]
+
+            def on_step(step: int, steps: int) -> bool:
+                now = time.monotonic()
+                if now - last[0] > 1.0:  # the record is rewritten at most once a second
+                    last[0] = now
+                    job["progress"] = {"step": step, "steps": steps}
+                    self._save(job)
+                return ev.is_set()
+
+            try:
+                user = job["user"]
+                examples = parse_history(self.upload_path(user).read_bytes(), user,
+                                         self.root / "tmp" / f"{uuid.uuid4().hex}.jsonl")
+                add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step)
+                job["state"], job["progress"]["step"] = DONE, job["progress"].get("steps") or 0
+                self.upload_path(user).unlink(missing_ok=True)
+                self.on_done(user)
+            except Cancelled:
+                job["state"] = CANCELLED
+            except Exception as e:
+                log.exception("onboarding job %s failed", jid)
+                job["state"], job["error"] = FAILED, " ".join(f"{type(e).__name__}: {e}".split())
+            with self._lock:
+                if self.active.get(job["user"]) == jid:
+                    self.active.pop(job["user"])
+                if self._path(jid).exists():  # a forgotten user's job leaves no record behind
+                    self._save(job)
+
+
+def forget_serve_state(run_dir: str | Path, user: str, keys: bool = True) -> int:
+    """Remove what the server keeps of a user in ``RUN/serve``: job records, upload, API keys; how many files."""
+    root = Path(run_dir) / "serve"
+    if not root.is_dir():
+        return 0
+    n = 0
+    for p in sorted((root / "jobs").glob("*.json")) if (root / "jobs").is_dir() else []:
+        try:
+            mine = read_json(p).get("user") == user
+        except ProperError:
+            mine = True  # unreadable: it may be theirs
+        if mine:
+            p.unlink(missing_ok=True)
+            n += 1
+    up = root / "uploads" / f"{user_hash(user)}.jsonl"
+    if up.exists():
+        up.unlink()
+        n += 1
+    if keys:
+        from properlm.serve.keys import Keys
+
+        n += Keys(root).forget(user)
+    return n
