@@ -120,6 +120,7 @@ COMMANDS: dict[str, Register | str] = {
     "demo": "properlm.demo:register",
     "experiments": "properlm.experiments:register",
     "serve": "properlm.serve.commands:register",
+    "export": "properlm.export:register",
 }
 
 
