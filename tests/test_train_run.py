@@ -339,3 +339,88 @@ def _complete(root: Path) -> set[Path]:
     """step-* directories under ``root`` holding all three checkpoint files."""
     need = {"state.safetensors", "extra.pt", "step.json"}
     return {p for p in root.glob("step-*") if need <= {f.name for f in p.iterdir()}}
+
+
+# -- drills: corrupt files, a full disk, a changed config --------------------------------------------------
+
+def _flip(path: Path, at: int = -7) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_refused_and_resume_falls_back_to_the_one_before(reference, h, tmp_path, capsys):
+    cfg, ref_dir, _ = reference
+    with pytest.MonkeyPatch.context() as mp:
+        _interrupt_at(mp, "population", 5)
+        with pytest.raises(Interrupted):
+            train(cfg, tmp_path)
+    _flip(tmp_path / "checkpoints" / "population" / "step-00000004" / "state.safetensors")
+    train(cfg, tmp_path, resume=True)
+    out = capsys.readouterr().out
+    assert "step-00000004/state.safetensors: corrupt file" in out and "trying the checkpoint before it" in out
+    _assert_same_outputs(tmp_path, ref_dir)  # resumed from step 2, same adapters
+
+
+def test_a_corrupt_stage_file_is_refused_naming_it(reference, tmp_path, capsys):
+    from properlm.cli import main
+    from properlm.errors import CorruptFile
+
+    cfg, ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    target = tmp_path / "run" / "group" / "experts.safetensors"
+    _flip(target)
+    with pytest.raises(CorruptFile, match="experts.safetensors"):
+        build_model(cfg, tmp_path / "run", "done")
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert main(["generate", "--run", str(tmp_path / "run"), "--user", split["target"][0], "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(target) in err and "corrupt" in err and "\n" not in err
+    (tmp_path / "run" / "population" / "adapter_model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CorruptFile, match="adapter_model.safetensors"):
+        build_model(cfg, tmp_path / "run", "group")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(h, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from properlm.cli import main
+
+    calls = {"n": 0}
+    real = loop.save_file
+
+    def full(tensors, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's tensors: the disk fills up half way
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(loop, "save_file", full)
+    args = ["train", "--stage", "population", "--out", str(tmp_path / "r"), "base_model=tiny-random", "progress=false",
+            "data.synth_users=8", "data.n_targets=2", "population.max_steps=6", "checkpoint_every=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "\n" not in err
+    ck = tmp_path / "r" / "checkpoints" / "population"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-00000002"]  # no temporaries left
+    assert load_checkpoint(ck)[0] == 2
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert (tmp_path / "r" / "population" / "adapter_model.safetensors").exists()
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(reference, h, tmp_path, capsys):
+    from properlm.cli import main
+
+    cfg, ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["train", "--all", "--out", str(tmp_path / "run"), "--resume", "user.lr=0.5", "group.num_experts=4",
+                 "progress=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "user.lr (saved 0.01, given 0.5)" in err and "group.num_experts" in err and "progress" not in err
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved
+    assert main(["train", "--all", "--out", str(tmp_path / "run"), "--resume", "progress=false"]) == 0

@@ -97,15 +97,53 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(str(path), f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+SUMS = "SHA256SUMS.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_dir(path: str | os.PathLike) -> None:
+    """Check every file listed in a directory's ``SHA256SUMS.json`` (written by ``atomic_dir(checksums=True)``).
+
+    Raises:
+        CorruptFile: a listed file missing, or whose bytes differ from its checksum (naming it).
+    """
+    from properlm.errors import CorruptFile
+
+    path = Path(path)
+    sums = path / SUMS
+    if not sums.exists():
+        return  # written before checksums were kept
+    try:
+        listed = json.loads(sums.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptFile(sums, f"unreadable: {e}") from None
+    for name, want in listed.items():
+        f = path / name
+        if not f.exists():
+            raise CorruptFile(f, "missing")
+        if sha256_file(f) != want:
+            raise CorruptFile(f)
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, checksums: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` on success.
 
     The old directory is renamed aside first, the new one renamed in, and only
     then is the old one deleted: at every moment either the old or the new
     directory is complete under some name, and an interruption between the two
     renames is repaired by :func:`recover_dir` (``path`` missing, its aside copy
-    present).
+    present). With ``checksums``, the sha256 of every file is written to
+    ``SHA256SUMS.json`` inside it, for :func:`verify_dir`.
     """
     import shutil
 
@@ -116,9 +154,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_file(f)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        if checksums:
+            sums = {str(f.relative_to(tmp)): sha256_file(f) for f in files}
+            (tmp / SUMS).write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8")
+            files.append(tmp / SUMS)
+        for f in files:
+            fsync_file(f)
         aside = _aside(path)
         if path.exists():
             os.replace(path, aside)

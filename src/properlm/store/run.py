@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from properlm.config import load_config
 from properlm.errors import CorruptFile, ProperError
-from properlm.io import read_json, recover_dir
+from properlm.io import read_json, recover_dir, verify_dir
 from properlm.model.base import load_base
 from properlm.model.device import base_dtype, resolve_device
 from properlm.model.population import merge_population
@@ -113,6 +113,8 @@ def load_model(cfg: RunConfig, run_dir: str | Path, upto: str, device: torch.dev
         cache_bytes: byte budget of each user bank's cache.
     """
     run_dir = Path(run_dir)
+    for stage in STAGES[:{"population": 0, "group": 1, "user": 2, "done": 3}.get(upto, 3)]:
+        verify_dir(run_dir / stage)  # a stage file whose bytes changed is refused, never loaded
     dev = resolve_device(cfg.device) if device is None else torch.device(device)
     dtype = base_dtype(cfg.base_dtype, cfg.bf16, dev)
     lm, tok = load_base(cfg.base_model, seed=cfg.seed, attention=cfg.attention, dtype=dtype, device=dev)

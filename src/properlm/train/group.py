@@ -119,6 +119,6 @@ def store_embeddings(pm: ProperModel, run_dir: Path, users: list[str]) -> UserSt
 
 def save_group(pm: ProperModel, out: Path) -> Path:
     """Write the experts and routers (``RUN/group/experts.safetensors``) as one directory, atomically."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, checksums=True) as tmp:
         save_file(pm.stage_state(("experts", "router")), str(tmp / "experts.safetensors"))
     return out

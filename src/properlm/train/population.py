@@ -88,7 +88,7 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
     prog.close()
     logger.close()
     out = run_dir / STAGE
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, checksums=True) as tmp:
         model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
     model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
     return out

@@ -73,6 +73,37 @@ def stage_examples(task: str, stage: str, train: list[User], targets: list[User]
     return [e for u in train for e in user_examples(task, u, history=True, queries=True)]
 
 
+#: Settings that do not change what a run learns: they may differ when resuming.
+RESUMABLE_KEYS = ("progress", "checkpoint_every", "device")
+
+
+def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, object, object]]:
+    """``(dotted key, value in a, value in b)`` for every setting that differs, except :data:`RESUMABLE_KEYS`."""
+    from properlm.config import to_dict
+
+    def flat(d: dict, pre: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in RESUMABLE_KEYS and fa.get(k) != fb.get(k)]
+
+
+def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume with settings that change training (naming the keys); the saved config stays."""
+    from properlm.store.run import read_config
+
+    diff = config_differences(read_config(run_dir), cfg)
+    if diff:
+        shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise ProperError(f"{run_dir}: --resume with settings that differ from the run's saved config: {shown}{more}; "
+                          f"resume with the saved config (no --config, no overrides of these) or train into a new --out")
+
+
 def write_manifest(run_dir: Path, cfg: RunConfig) -> None:
     files = {k: v for k, v in FILES.items() if (run_dir / k).exists()}
     write_json(run_dir / "manifest.json", {"properlm_run": 1, "base_model": cfg.base_model,
@@ -95,14 +126,24 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
         done = [s for s in stages if (run_dir / s).exists()]
         if done:
             raise ProperError(f"{run_dir}: stage {done[0]} is already trained there; pass --resume to continue or choose a new --out")
+    if resume and (run_dir / "config.yaml").exists():
+        check_resume_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     ds = load_data(cfg, truncate=False)
-    train_u, target_u = split(cfg, ds)
+    if (run_dir / "split.json").exists():
+        # The split is made once: resuming keeps it (and keeps forgotten users out of it).
+        saved = read_split(run_dir)
+        by_id = {u.id: u for u in ds.users}
+        train_u = [by_id[i] for i in saved["train"] if i in by_id]
+        target_u = [by_id[i] for i in saved["target"] if i in by_id]
+    else:
+        train_u, target_u = split(cfg, ds)
+        write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u],
+                                            "target": [u.id for u in target_u]})
     if cfg.data.max_history is not None:
         for u in ds.users:
             u.history = u.history[-cfg.data.max_history:]
-    write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u], "target": [u.id for u in target_u]})
     write_manifest(run_dir, cfg)
     e2e = cfg.user.end_to_end
     for s in stages:

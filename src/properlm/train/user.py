@@ -142,7 +142,7 @@ def save_router(pm: ProperModel, out: Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, checksums=True) as tmp:
         rs = pm.stage_state(("router",), router_kind="lora-aware")
         if rs:
             save_file(rs, str(tmp / "router.safetensors"))
