@@ -48,8 +48,11 @@ class PersonalizedLM:
     """
 
     def __init__(self, run_dir: str | Path, cache_mb: float = 1024, device: str | None = None):
+        from properlm.forget import complete_pending
+
         self.run_dir = Path(run_dir)
         self.cfg = read_config(self.run_dir)
+        complete_pending(self.run_dir)  # an interrupted users delete is finished before anything is served
         done = stages_done(self.run_dir)
         if not done:
             raise ProperError(f"{self.run_dir}: no trained stage yet (run `properlm train`)")

@@ -19,17 +19,25 @@ checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's row
                                          jobs, uploaded history) removed
 =======================================  ====================================================
 
-Each file is rewritten atomically, only when it holds the user. What the user's
-data contributed to the shared population and group weights is not unlearned.
+Each file is rewritten atomically, only when it holds the user. A delete first
+writes its intent (``RUN/forgetting/<sha256 of the id>.json``) and removes it
+last: a delete killed half way is finished by the next ``users delete`` (or
+``--resume``) and by :func:`properlm.load_run` before anything is served, and
+training refuses the run until then; so each user is either as before or
+wholly forgotten. What the user's data contributed to the shared population
+and group weights is not unlearned.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json
-from properlm.store.run import banks, is_run
+from properlm.store.run import banks, is_run, pending_forgets
+from properlm.store.user_store import user_hash
 from properlm.train.loop import checkpoints_holding
 
 def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
@@ -37,15 +45,21 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     run_dir = Path(run_dir)
     if not is_run(run_dir):
         raise ProperError(f"{run_dir}: not a properlm run directory (no config.yaml)")
-    ids = set(user_ids)
+    ids = set(user_ids) | set(pending_forgets(run_dir))
+    intents = {u: run_dir / "forgetting" / f"{user_hash(u)}.json" for u in ids}
+    for u, p in intents.items():
+        if not p.exists():
+            write_json(p, {"user": u})
     removed: dict[str, int] = {}
 
     def count(what: str, n: int) -> None:
         if n:
             removed[what] = removed.get(what, 0) + n
+        _drill_point()
 
     for name, bank in banks(run_dir).items():
-        count(f"{name} entries", sum(bank.delete(u) for u in ids))
+        for u in sorted(ids):
+            count(f"{name} entries", int(bank.delete(u)))
     count("split entries", _scrub_split(run_dir / "split.json", ids))
     for u in ids:
         for ck in checkpoints_holding(run_dir, u):
@@ -60,7 +74,29 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     from properlm.serve.jobs import forget_serve_state
 
     count("server records (keys, jobs, uploads)", sum(forget_serve_state(run_dir, u) for u in ids))
+    for p in intents.values():  # done: the intent, the last file that names the user, goes
+        p.unlink(missing_ok=True)
     return removed
+
+
+def complete_pending(run_dir: str | Path) -> list[str]:
+    """Finish deletes that were interrupted; the users they forgot."""
+    pending = pending_forgets(run_dir)
+    if pending:
+        forget_users(run_dir, pending)
+    return pending
+
+
+_DRILL = {"n": 0}
+
+
+def _drill_point() -> None:
+    """Crash drills (scripts/crash_drills.py): ``PROPERLM_DRILL_KILL_AT=k`` SIGKILLs this process at the k-th step."""
+    at = os.environ.get("PROPERLM_DRILL_KILL_AT")
+    if at:
+        _DRILL["n"] += 1
+        if _DRILL["n"] == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _mentions(root: Path, ids: set[str]) -> bool:

@@ -62,6 +62,26 @@ def banks(run_dir: str | Path) -> dict[str, UserStore]:
     return {d.name: UserStore(d) for d in sorted(root.iterdir()) if UserStore.exists(d)}
 
 
+def pending_forgets(run_dir: str | Path) -> list[str]:
+    """Users whose ``users delete`` was interrupted (``RUN/forgetting/*.json``): it must be finished first."""
+    d = Path(run_dir) / "forgetting"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        try:
+            out.append(read_json(p)["user"])
+        except (ProperError, KeyError):
+            p.unlink(missing_ok=True)  # an intent that was never completely written: nothing was deleted yet
+    return out
+
+
+def refuse_pending_forgets(run_dir: str | Path) -> None:
+    """``ProperError`` when an interrupted delete must be finished before the run may change."""
+    pending = pending_forgets(run_dir)
+    if pending:
+        raise ProperError(f"{run_dir}: a users delete of {len(pending)} user(s) was interrupted; finish it first: "
+                          f"properlm users delete --run {run_dir} --resume")
+
+
 def is_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "config.yaml").exists()
 

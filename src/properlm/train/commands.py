@@ -82,9 +82,12 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 
 
 def cmd_users_delete(args: argparse.Namespace) -> int:
+    from properlm.errors import ProperError
     from properlm.forget import forget_users
 
-    removed = forget_users(args.run, args.users)
+    if not args.users and not args.resume:
+        raise ProperError("say which users to delete: --users ID [ID ...] (or --resume to finish an interrupted delete)")
+    removed = forget_users(args.run, args.users or [])
     print(", ".join(f"{k}: {v} removed" for k, v in removed.items()) or "nothing to remove")
     return 0
 
@@ -112,7 +115,9 @@ def register_users(subparsers: argparse._SubParsersAction) -> None:
     d = sub.add_parser("delete", help="remove every trace of users from a run (adapters, embeddings, moments, "
                                       "checkpoints, profiles, predictions, scores, split lists)")
     d.add_argument("--run", required=True, help="a run directory")
-    d.add_argument("--users", nargs="+", required=True, help="user ids")
+    d.add_argument("--users", nargs="+", default=None, help="user ids")
+    d.add_argument("--resume", action="store_true", help="finish a delete that was interrupted (also done by any "
+                                                          "later delete and by loading the run)")
     d.set_defaults(func=cmd_users_delete)
     ls = sub.add_parser("list", help="list the users with a personal LoRA (walks the whole store)")
     ls.add_argument("--run", required=True, help="a run directory")

@@ -87,6 +87,7 @@ def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: li
     if not users or pm.emb_shapes == {}:
         return []
     lr = gc.unseen_lr if gc.unseen_lr is not None else (gc.user_lr if gc.user_lr is not None else gc.lr)
+    seed_everything(cfg.seed)  # the fit's dropout draws do not depend on what ran before it in the process
     kept = pm.user_embs
     pm.user_embs = pm.new_emb_bank(users, seed=cfg.seed, start="fallback")
     spec = MultiUserSpec(stage, {}, lr, train_embs=True, train_loras=False, user_lr=lr, weight_decay=0.0,

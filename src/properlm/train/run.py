@@ -20,7 +20,7 @@ from properlm.data.schema import Dataset, User
 from properlm.errors import ProperError
 from properlm.io import write_json
 from properlm.run_config import RunConfig
-from properlm.store.run import STAGES, load_model, read_split, stages_done
+from properlm.store.run import STAGES, load_model, read_split, refuse_pending_forgets, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import train_group
 from properlm.train.population import train_population
@@ -128,6 +128,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
             raise ProperError(f"{run_dir}: stage {done[0]} is already trained there; pass --resume to continue or choose a new --out")
     if resume and (run_dir / "config.yaml").exists():
         check_resume_config(cfg, run_dir)
+    refuse_pending_forgets(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     ds = load_data(cfg, truncate=False)

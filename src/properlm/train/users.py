@@ -22,7 +22,7 @@ from typing import Callable
 from properlm.data import load_dataset
 from properlm.data.tasks import get_task
 from properlm.errors import ProperError
-from properlm.store.run import load_model, read_config, read_split, stages_done
+from properlm.store.run import load_model, read_config, read_split, refuse_pending_forgets, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import fit_unseen
 from properlm.train.multiuser import Cancelled
@@ -72,6 +72,7 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    refuse_pending_forgets(run_dir)
     if "user" not in stages_done(run_dir):
         raise ProperError(f"{run_dir}: no trained stage 3 (user/); train the run first")
     user_ids = list(dict.fromkeys(user_ids))
