@@ -38,6 +38,8 @@ class DataConfig:
             users, a seeded random sample (None: all).
         synth_users: number of users of a ``synth:`` dataset.
         synth_groups: planted groups of a ``synth:`` dataset.
+        synth_queries: held-out queries per user of a ``synth:`` dataset (more: a larger
+            evaluation set; the training users' queries are stage 1-2 training data).
     """
 
     path: str = "synth:synth-cls"
@@ -49,6 +51,7 @@ class DataConfig:
     max_train_users: int | None = None
     synth_users: int = 60
     synth_groups: int = 5
+    synth_queries: int = 3
 
     def __post_init__(self):
         _check(self.split in ("oppu", "low-resource", "count"), f"data.split must be oppu, low-resource or count, got {self.split!r}")

@@ -311,6 +311,23 @@ def per_user_rows(results: Sequence[dict]) -> tuple[list[dict], list[str]]:
     return rows, ["run", "task", "method", "user_id", "history_len", "n_queries", *dict.fromkeys(metrics)]
 
 
+def bootstrap_rows(mains: dict[str, dict]) -> list[dict]:
+    """PROPER against stage 1 and OPPU (each decoding alike) in every main run whose predictions are on disk."""
+    from properlm.evaluate.stats import compare
+
+    rows = []
+    for task, r in mains.items():
+        if not (Path(r["run_dir"]) / "eval" / "golds.json").exists():
+            continue
+        for suffix in ("", "@labels", "@expected"):
+            if "proper" + suffix not in r["methods"]:
+                continue
+            for other in ("stage1", "stage2", "oppu-mlp", "oppu-kv"):
+                if other + suffix in r["methods"]:
+                    rows.append({"task": task, **compare(r["run_dir"], "proper" + suffix, other + suffix)})
+    return rows
+
+
 def decoding_note(results: Sequence[dict]) -> str:
     """What decoding the reported methods used (LaMP's free generation unless a method says otherwise)."""
     from properlm.evaluate.evaluate import decoding_of
@@ -366,6 +383,15 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
     md += [decoding_note(results), ""]
     for t in tables.values():
         md += [f"## {t['title']}", "", markdown_table(t), ""]
+    boot = bootstrap_rows(main_runs(results))
+    if boot:
+        md += ["## PROPER against the baselines, paired bootstrap", "",
+               "Difference of per-query means (PROPER minus the other method; 10,000 resamples of the queries), "
+               "its 95% interval, and whether the whole interval is on PROPER's better side.", "",
+               "| task | vs | metric | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
+        md += [f"| {b['task']} | {b['other']} | {b['metric']} | {b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, "
+               f"{b['ci95'][1]:+.4f}] | {'yes' if b['better'] else 'no'} |" for b in boot]
+        md += [""]
     if ari is not None:
         md += ["## Routing vs planted groups", "",
                "Adjusted Rand index between the training users clustered (KMeans) by their mean stage-2 expert "
@@ -374,7 +400,7 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
                ""]
     md += [f"![{name}]({Path(p).name})\n" for name, p in figs.items()]
     write_text(out / "report.md", "\n".join(md) + "\n")
-    summary = {"runs": [r["run_dir"] for r in results], "tables": tables,
+    summary = {"runs": [r["run_dir"] for r in results], "tables": tables, "bootstrap": boot,
                "routing_ari": ari["site_mean"] if ari else None, "routing_ari_per_site": ari["per_site"] if ari else None,
                "figures": {k: str(v) for k, v in figs.items()}}
     write_json(out / "report.json", summary)

@@ -47,7 +47,7 @@ def load_data(cfg: RunConfig, truncate: bool = True) -> Dataset:
     """
     if cfg.data.path.startswith("synth:"):
         ds = generate(task=cfg.data.path.split(":", 1)[1], n_users=cfg.data.synth_users,
-                      n_groups=cfg.data.synth_groups, seed=cfg.seed)
+                      n_groups=cfg.data.synth_groups, seed=cfg.seed, n_queries=cfg.data.synth_queries)
     else:
         ds = load_dataset(cfg.data.path, task=cfg.data.task)
     if truncate and cfg.data.max_history is not None:
