@@ -1,0 +1,217 @@
+"""The server under load: requests/s and latency at 1, 8 and 32 concurrent clients of 32 distinct users.
+
+    .venv/bin/python -m benchmarks.serve --run runs/demo [--requests 64] [--max-tokens 16]
+    .venv/bin/python -m benchmarks.serve --quick            # a tiny run, a few seconds
+
+Contenders, the same run, prompts, users and greedy decoding: ``properlm
+serve`` with continuous batching (``--max-batch 32``) against the same server
+decoding one request at a time (``--max-batch 1``), each a live process on a
+free loopback port, driven by client threads over HTTP. Every load is bounded
+(a fixed number of requests per setting). Reported per concurrency: requests/s,
+p50 and p99 latency; the throughput ratio at 32 clients (target >= 5x) and
+p99/p50 at each concurrency (target <= 2: no request starves); the latency of a
+request whose user is not in the cache; and tokens/s per request while 32
+stream at once. A run with fewer than 32 users with a LoRA gets synthetic
+users added to a copy of its store (random adapters of the run's shapes: speed
+does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Does the user love, like, dislike or hate this post? post: Yesterday the group chat was all about {}."
+TOPICS = ("jazz", "soccer", "coffee", "taxes", "robots", "hiking", "poetry", "sushi")
+KEY = "bench-admin"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, run: Path, *args: str, threads: int | None = None):
+        import httpx
+
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PROPERLM_ADMIN_KEY": KEY}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        self.proc = subprocess.Popen([sys.executable, "-m", "properlm.cli", "serve", "--run", str(run), "--port",
+                                      str(self.port), *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        t_end = time.time() + 300
+        while time.time() < t_end:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def prepare(run: Path, n_users: int, work: Path) -> tuple[Path, list[str]]:
+    """A copy of the run whose LoRA bank has at least ``n_users`` users; the first ``n_users`` of them."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from properlm.store.run import open_bank
+
+    copy = work / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "report", "checkpoints", "serve", "logs"))
+    bank = open_bank(copy, "lora")
+    users = sorted(bank.users())
+    g = torch.Generator().manual_seed(0)
+    extra = [f"bench{i:03d}" for i in range(max(0, n_users + 1 - len(users)))]  # +1: one never asked for
+    bank.put_many({u: {"params": {k: torch.randn(s, generator=g) * 0.02 for k, s in bank.schema["params"].items()}}
+                   for u in extra})
+    users = sorted(bank.users())
+    return copy, users
+
+
+def load(url: str, jobs: list[tuple[str, str]], clients: int, max_tokens: int) -> dict:
+    """Send ``jobs`` (user, prompt) from ``clients`` threads; latencies and wall time."""
+    import httpx
+
+    lat, lock, it = [], threading.Lock(), iter(list(enumerate(jobs)))
+    errors = []
+
+    def worker():
+        with httpx.Client(timeout=600) as c:
+            while True:
+                with lock:
+                    nxt = next(it, None)
+                if nxt is None:
+                    return
+                _, (user, prompt) = nxt
+                t = time.perf_counter()
+                r = c.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": user, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                 "stop": []})
+                dt = time.perf_counter() - t
+                with lock:
+                    (lat.append(dt) if r.status_code == 200 else errors.append(r.status_code))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(jobs), "errors": errors, "seconds": wall,
+            "requests_per_s": len(lat) / wall, "p50_s": q(0.5), "p99_s": q(0.99), "p99_over_p50": q(0.99) / q(0.5)}
+
+
+def stream_rate(url: str, jobs: list[tuple[str, str]], max_tokens: int) -> float:
+    """Median tokens/s of each stream while all of ``jobs`` stream at once."""
+    import httpx
+
+    rates = []
+
+    def one(user, prompt):
+        n, t = 0, time.perf_counter()
+        with httpx.stream("POST", f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=600,
+                          json={"model": user, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"text": ""' not in line:
+                    n += 1
+        rates.append(n / (time.perf_counter() - t))
+
+    ths = [threading.Thread(target=one, args=j) for j in jobs]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    rates.sort()
+    return rates[len(rates) // 2]
+
+
+def bench_serve(run: Path, requests: int, max_tokens: int, threads: int | None, log=print) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="properlm-bench-serve-"))
+    try:
+        copy, users = prepare(run, 32, work)
+        cold_user, users = users[32], users[:32]
+        jobs = [(users[i % 32], PROMPT.format(TOPICS[i % len(TOPICS)])) for i in range(requests)]
+        out = {"users": 32, "requests_per_setting": requests, "max_tokens": max_tokens, "settings": {}}
+        for name, args in (("batched", ("--max-batch", "32")), ("one_at_a_time", ("--max-batch", "1"))):
+            srv = Server(copy, *args, "--timeout", "3600", threads=threads)
+            try:
+                load(srv.url, jobs[:32], 32, max_tokens)  # warm-up: every user read once, kernels warm
+                rows = {}
+                for c in (1, 8, 32):
+                    rows[c] = load(srv.url, jobs[:max(c, requests // (4 if c == 1 else 1))], c, max_tokens)
+                    log(f"[serve] {name}, {c} clients: {rows[c]['requests_per_s']:.2f} req/s, p50 "
+                        f"{rows[c]['p50_s']:.2f} s, p99 {rows[c]['p99_s']:.2f} s")
+                out["settings"][name] = rows
+                if name == "batched":
+                    t = time.perf_counter()
+                    load(srv.url, [(cold_user, PROMPT.format("jazz"))], 1, max_tokens)
+                    out["uncached_user_latency_s"] = time.perf_counter() - t
+                    out["warm_single_latency_s"] = rows[1]["p50_s"]
+                    out["stream_tokens_per_s_per_request_32"] = stream_rate(srv.url, jobs[:32], max_tokens)
+                    log(f"[serve] uncached user {out['uncached_user_latency_s']:.2f} s (warm {rows[1]['p50_s']:.2f} s);"
+                        f" 32 streams: {out['stream_tokens_per_s_per_request_32']:.1f} tokens/s each")
+            finally:
+                srv.stop()
+        b, s = out["settings"]["batched"], out["settings"]["one_at_a_time"]
+        out["throughput_ratio_32"] = b[32]["requests_per_s"] / s[32]["requests_per_s"]
+        out["worst_p99_over_p50_batched"] = max(r["p99_over_p50"] for r in b.values())
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default=None, help="a trained run (default with --quick: a tiny one made here)")
+    ap.add_argument("--requests", type=int, default=64, help="requests per setting at 8 and 32 clients")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None, help="OMP threads of the server")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="results JSON")
+    a = ap.parse_args(argv)
+    tmp = None
+    run = Path(a.run) if a.run else None
+    if run is None:
+        if not a.quick:
+            ap.error("--run is needed (or --quick)")
+        tmp = Path(tempfile.mkdtemp(prefix="properlm-bench-serve-run-"))
+        subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(tmp / "run"),
+                        "base_model=tiny-random", "progress=false", "data.synth_users=16", "data.n_targets=4",
+                        "population.max_steps=2", "group.max_steps=2", "user.max_steps=2"], check=True, cwd=ROOT)
+        run = tmp / "run"
+    try:
+        res = bench_serve(run, 16 if a.quick else a.requests, 8 if a.quick else a.max_tokens, a.threads)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(res, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
