@@ -77,6 +77,10 @@ def test_a_proper_user_folds_exactly_when_routing_is_constant(run, tmp_path):
         if k.endswith("w_text.weight") or k.endswith("w_user.weight"):  # W_x and W_l; W_e e_u stays
             r[k] = torch.zeros_like(r[k])
     save_file(r, str(work / "user" / "router.safetensors"))
+    from properlm.io import SUMS, sha256_file  # a deliberate edit: record its checksum, or the load refuses it
+    sums = json.loads((work / "user" / SUMS).read_text())
+    sums["router.safetensors"] = sha256_file(work / "user" / "router.safetensors")
+    (work / "user" / SUMS).write_text(json.dumps(sums))
     user = json.loads((work / "split.json").read_text())["target"][1]
     info = export_user(work, user, tmp_path / "x")
     assert info["kind"] == "folded-mean-routing" and info["rank"] == 3 * 4 + 4

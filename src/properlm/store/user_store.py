@@ -37,7 +37,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from properlm.errors import CorruptFile, ProperError, UnknownUser
@@ -191,15 +191,15 @@ class UserStore:
         if _sha256_file(path) != part["sha256"]:
             raise CorruptFile(path)
         want = self.schema.get(name, {})
+        dev = torch.device(device)
+        dev = "cpu" if dev.type == "cpu" else str(dev)
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device=dev) as f:
                 keys = set(f.keys())
                 if want and keys != set(want):
                     raise CorruptFile(path, "tensor names differ from the bank's schema")
                 return {k: f.get_tensor(k) for k in sorted(keys)}
-        except CorruptFile:
-            raise
-        except Exception as e:  # a header that does not parse
+        except SafetensorError as e:  # a header that does not parse
             raise CorruptFile(path, f"not a safetensors file: {str(e).splitlines()[0]}") from None
 
     def users(self) -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -14,6 +15,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from properlm.run_config import RunConfig
     from properlm.train.run import STAGES, train
 
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.processes)
     run_dir = Path(args.out)
     config = args.config
     if config is None and args.resume and (run_dir / "config.yaml").exists():
@@ -25,6 +28,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(cfg, run_dir, stages, resume=args.resume)
     print(f"trained {', '.join(stages)} into {run_dir}")
     return 0
+
+
+def _launch(n: int) -> int:
+    """Run this same ``properlm train`` command in ``n`` processes on this machine (torch's launcher).
+
+    On CPUs they share the cores (one torch thread each, gloo); on a machine with
+    ``n`` GPUs each process takes one (NCCL). For several machines use
+    ``accelerate launch`` (docs/training.md).
+    """
+    import socket
+    import subprocess
+    import sys
+
+    argv = sys.argv[1:]
+    i = argv.index("--processes")
+    argv = argv[:i] + argv[i + 2:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "properlm.cli", *argv]
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -56,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine (data-parallel stages 1-2, users sharded in stage 3; "
+                        "the same as accelerate launch --num_processes N -m properlm.cli train ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_train)
 

@@ -23,6 +23,7 @@ from properlm.model.user_params import UserParams
 from properlm.run_config import RunConfig
 from properlm.store.run import EMB, bank_dir
 from properlm.store.user_store import UserStore
+from properlm.train import distributed as D
 from properlm.train.examples import Example, encode
 from properlm.train.loop import seed_everything
 from properlm.train.multiuser import MultiUserSpec, run_multiuser
@@ -62,10 +63,15 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
         p.requires_grad_(False)
     pm.set_fallback_embedding()
     if isinstance(pm.user_embs, UserParams):
-        store_embeddings(pm, run_dir, users)
+        if D.is_main():  # every rank holds every user's embedding: one writes them
+            store_embeddings(pm, run_dir, users)
+        D.barrier()
         if unseen and gc.unseen == "fit":
             fit_unseen(cfg, run_dir, pm, tok, unseen, resume=resume, stage=f"{STAGE}/fit")
-    return save_group(pm, run_dir / STAGE)
+    if D.is_main():
+        save_group(pm, run_dir / STAGE)
+    D.barrier()
+    return run_dir / STAGE
 
 
 def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
@@ -97,7 +103,9 @@ def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: li
         run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
                       cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
                       on_step=on_step)
-        store_embeddings(pm, run_dir, users)
+        if D.is_main():
+            store_embeddings(pm, run_dir, users)
+        D.barrier()
     finally:
         pm.user_embs = kept
     return users

@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model
 from properlm.io import atomic_dir
 from properlm.model.proper import completion_nll
 from properlm.run_config import RunConfig
+from properlm.train import distributed as D
 from properlm.train.examples import Example, collate, encode
 from properlm.model.device import autocast, device_of
 from properlm.model.precision import frozen_bf16
@@ -58,7 +59,8 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
         steps = steps[:pc.max_steps]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ckpt_root, start = run_dir / "checkpoints" / STAGE, 0
-    logger = RunLogger(run_dir, STAGE)
+    W, R = D.world(), D.rank()
+    logger = RunLogger(run_dir, STAGE) if R == 0 else None
     if resume and (ck := load_checkpoint(ckpt_root)) is not None:
         start, tensors, extra = ck
         with torch.no_grad():
@@ -66,29 +68,53 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
                 p.copy_(tensors[n])
         opt.load_state_dict(extra["optimizer"])
         set_rng_state(extra["rng"])
-        logger.truncate_after(start)
+        if logger is not None:
+            logger.truncate_after(start)
     device = device_of(model)
-    prog = Progress(len(steps), "stage 1 population", start, cfg.progress)
+    prog = Progress(len(steps), "stage 1 population", start, cfg.progress and R == 0)
     model.train()
     with frozen_bf16(model, cfg.bf16):
         for step in range(start, len(steps)):
-            b = collate([enc[i] for i in steps[step]], tok.pad_token_id, device)
-            with autocast(cfg.bf16, b["input_ids"].device):
-                nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
-            loss = nll.sum() / ntok.sum().clamp(min=1)
+            # Data parallel: each rank takes every W-th example of the step; the loss is the step's
+            # token mean over all ranks, so the summed gradients are the one-process gradients.
+            batch = steps[step][R::W]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            local_tok, local_nll = 0, 0.0
+            if batch:
+                b = collate([enc[i] for i in batch], tok.pad_token_id, device)
+                with autocast(cfg.bf16, b["input_ids"].device):
+                    nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+                local_tok = int(ntok.sum())
+            n_tok = max(D.sum_int(local_tok, device), 1)
+            if batch:
+                loss = nll.sum() / n_tok
+                loss.backward()
+                local_nll = float(nll.sum().detach())
+            if W > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                D.all_reduce_sum([p.grad for p in params])
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
-            tps = prog.update(loss.item(), int(b["attention_mask"].sum()))
-            logger.log(step + 1, loss=loss.item(), tokens_per_s=tps)
+            summed = torch.tensor([local_nll, float(int(b["attention_mask"].sum()) if batch else 0)], device="cpu")
+            D.all_reduce_sum([summed])
+            step_loss = float(summed[0]) / n_tok
+            tps = prog.update(step_loss, int(summed[1]))
+            if logger is not None:
+                logger.log(step + 1, loss=step_loss, tokens_per_s=tps)
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(steps):
-                save_checkpoint(ckpt_root, step + 1, dict(zip(names, params)),
-                                {"optimizer": opt.state_dict(), "rng": rng_state()})
+                if R == 0:
+                    save_checkpoint(ckpt_root, step + 1, dict(zip(names, params)),
+                                    {"optimizer": opt.state_dict(), "rng": rng_state()})
+                D.barrier()
     prog.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
     out = run_dir / STAGE
-    with atomic_dir(out, checksums=True) as tmp:
-        model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
+    if R == 0:
+        with atomic_dir(out, checksums=True) as tmp:
+            model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
+    D.barrier()
     model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
     return out

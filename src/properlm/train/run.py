@@ -20,6 +20,7 @@ from properlm.data.schema import Dataset, User
 from properlm.errors import ProperError
 from properlm.io import write_json
 from properlm.run_config import RunConfig
+from properlm.train import distributed as D
 from properlm.store.run import STAGES, load_model, read_split, refuse_pending_forgets, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import train_group
@@ -129,9 +130,12 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
     if resume and (run_dir / "config.yaml").exists():
         check_resume_config(cfg, run_dir)
     refuse_pending_forgets(run_dir)
+    main = D.is_main()  # several processes: rank 0 writes the run's own files
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
     ds = load_data(cfg, truncate=False)
+    D.barrier()
     if (run_dir / "split.json").exists():
         # The split is made once: resuming keeps it (and keeps forgotten users out of it).
         saved = read_split(run_dir)
@@ -140,12 +144,15 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
         target_u = [by_id[i] for i in saved["target"] if i in by_id]
     else:
         train_u, target_u = split(cfg, ds)
-        write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u],
-                                            "target": [u.id for u in target_u]})
+        if main:
+            write_json(run_dir / "split.json", {"task": ds.task, "train": [u.id for u in train_u],
+                                                "target": [u.id for u in target_u]})
     if cfg.data.max_history is not None:
         for u in ds.users:
             u.history = u.history[-cfg.data.max_history:]
-    write_manifest(run_dir, cfg)
+    if main:
+        write_manifest(run_dir, cfg)
+    D.barrier()
     e2e = cfg.user.end_to_end
     for s in stages:
         if (run_dir / s).exists() or (e2e and s == "group"):  # end-to-end: stage 2 trains inside stage 3
@@ -153,7 +160,7 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
         need = "population" if (e2e and s == "user") else (STAGES[STAGES.index(s) - 1] if s != "population" else None)
         if need is not None and not (run_dir / need).exists():
             raise ProperError(f"{run_dir}: stage {s} needs stage {need} first")
-        model, tok = load_model(cfg, run_dir, "group" if (e2e and s == "user") else s)
+        model, tok = load_model(cfg, run_dir, "group" if (e2e and s == "user") else s, device=D.device())
         ex = stage_examples(ds.task, s, train_u, target_u)
         if not ex:
             raise ProperError(f"stage {s}: no training examples (check the data split)")
@@ -162,8 +169,11 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
         extra = {"unseen": stage_examples(ds.task, "user", train_u, target_u)} if s == "group" else {}
         fn(cfg, run_dir, model, tok, ex, resume=resume, **extra)
         # Outputs are in place: the in-stage checkpoint is no longer needed.
-        shutil.rmtree(run_dir / "checkpoints" / s, ignore_errors=True)
-        write_manifest(run_dir, cfg)
+        D.barrier()
+        if main:
+            shutil.rmtree(run_dir / "checkpoints" / s, ignore_errors=True)
+            write_manifest(run_dir, cfg)
+        D.barrier()
     return run_dir
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from properlm.errors import ProperError
 from properlm.io import atomic_dir
 from properlm.model.layers import lora_dropout
 from properlm.model.proper import ProperModel
@@ -27,6 +28,7 @@ from properlm.model.user_params import MOMENTS, UserParams
 from properlm.run_config import RunConfig
 from properlm.store.run import LORA, bank_dir
 from properlm.store.user_store import UserStore
+from properlm.train import distributed as D
 from properlm.train.examples import Example, encode
 from properlm.train.loop import seed_everything
 from properlm.train.multiuser import Cohorts, MultiUserSpec, run_multiuser
@@ -129,8 +131,9 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
                                                         from_store=from_store), on_step=on_step)
     for p in shared.values():
         p.requires_grad_(False)
-    if train_router:
+    if train_router and D.is_main():
         save_router(pm, Path(run_dir) / STAGE)
+    D.barrier()
     return store
 
 
@@ -164,6 +167,8 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
     from properlm.train.group import save_group, store_embeddings
 
     gc, uc = cfg.group, cfg.user
+    if D.world() > 1:
+        raise ProperError("the end-to-end ablation trains in one process (drop --processes)")
     seed_everything(cfg.seed)
     users = sorted({e.user_id for e in examples})
     pm.add_group(gc.num_experts, gc.r, gc.alpha, gc.dropout, "user-aware", gc.user_dim, users, seed=cfg.seed,
