@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from properlm.errors import CorruptFile, ProperError, UnknownUser
-from properlm.io import fsync_dir
+from properlm.io import fsync_dir, sha256_file
 
 FORMAT = "properlm-user-store"
 VERSION = 1
@@ -51,14 +51,6 @@ PARTS = ("params", "adamw")
 def user_hash(user_id: str) -> str:
     """The hex sha256 of a user id: the user's file names and shard."""
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -188,7 +180,7 @@ class UserStore:
 
     def _read_part(self, shard: Path, part: dict, name: str, device) -> dict[str, torch.Tensor]:
         path = shard / part["file"]
-        if _sha256_file(path) != part["sha256"]:
+        if sha256_file(path) != part["sha256"]:
             raise CorruptFile(path)
         want = self.schema.get(name, {})
         dev = torch.device(device)

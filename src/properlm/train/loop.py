@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from properlm.errors import CorruptFile
-from properlm.io import atomic_dir, write_text
+from properlm.io import atomic_dir, sha256_file, write_text
 
 #: Checkpoints kept per stage: the newest, and the one before it to fall back to.
 KEEP_CHECKPOINTS = 2
@@ -118,16 +118,6 @@ class RunLogger:
             self._tb.close()
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor], extra: dict,
                     users: list[str] | None = None) -> Path:
     """Write ``tensors`` (safetensors) and ``extra`` (torch: optimizer and RNG states) atomically.
@@ -139,7 +129,7 @@ def save_checkpoint(ckpt_root: Path, step: int, tensors: dict[str, torch.Tensor]
     with atomic_dir(final) as tmp:  # the directory appears only when complete
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         torch.save(extra, tmp / "extra.pt")
-        sums = {f: _sha256(tmp / f) for f in ("state.safetensors", "extra.pt")}
+        sums = {f: sha256_file(tmp / f) for f in ("state.safetensors", "extra.pt")}
         (tmp / "step.json").write_text(json.dumps({"step": step, "sha256": sums, "users": list(users or [])}))
     write_text(ckpt_root / "latest", final.name)
     kept = sorted(ckpt_root.glob("step-*"))[-KEEP_CHECKPOINTS:]
@@ -156,7 +146,7 @@ def _read_checkpoint(d: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
     except (OSError, ValueError) as e:
         raise CorruptFile(d / "step.json", f"unreadable: {e}") from None
     for f, want in info.get("sha256", {}).items():
-        if not (d / f).exists() or _sha256(d / f) != want:
+        if not (d / f).exists() or sha256_file(d / f) != want:
             raise CorruptFile(d / f)
     try:
         return info["step"], load_file(str(d / "state.safetensors")), torch.load(d / "extra.pt", weights_only=False)
