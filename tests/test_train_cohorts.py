@@ -135,3 +135,17 @@ def test_an_add_killed_while_writing_resumes_without_training_anyone_twice(group
     assert final.keys() == after.keys()
     for k in after:
         assert torch.equal(final[k], after[k]), k
+
+
+def test_moments_are_kept_for_refreshes_unless_switched_off(group_model, tok, h, tmp_path):
+    ex = h.make_examples({"ta": "love", "tb": "hate"}, n=2)
+    for keep in (True, False):
+        cfg = h.small_cfg(user=dict(max_steps=2, keep_optimizer=keep))
+        train_users(cfg, tmp_path / str(keep), group_model(), tok, ex)
+        bank = open_bank(tmp_path / str(keep), "lora")
+        parts = {u: set(bank.entry(u)["parts"]) for u in ("ta", "tb")}
+        assert parts == {u: ({"params", "adamw"} if keep else {"params"}) for u in ("ta", "tb")}
+    # A refresh of a user whose moments were dropped starts their AdamW afresh (step count 0 -> 2 more steps).
+    cfg = h.small_cfg(user=dict(max_steps=2, keep_optimizer=True))
+    train_users(cfg, tmp_path / "False", group_model(), tok, ex, train_router=False, stage="add", from_store=True)
+    assert int(open_bank(tmp_path / "False", "lora").get("ta", ("adamw",))["adamw"]["steps"]) == 2
