@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.serve --run runs/demo [--requests 64] [--max-tokens 16]
     .venv/bin/python -m benchmarks.serve --quick            # a tiny run, a few seconds
+    .venv/bin/python -m benchmarks.serve --memory           # 10,000 users, a 1 MiB cache: memory stays bounded
 
 Contenders, the same run, prompts, users and greedy decoding: ``properlm
 serve`` with continuous batching (``--max-batch 32``) against the same server
@@ -183,6 +184,46 @@ def bench_serve(run: Path, requests: int, max_tokens: int, threads: int | None, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_memory_bound(n_users: int = 10000, asked: int = 3000, cache_mb: float = 1.0, log=print) -> dict:
+    """A tiny run with ``n_users`` in its store, served with a small cache: RSS after 50 users vs after ``asked``."""
+    work = Path(tempfile.mkdtemp(prefix="properlm-bench-servemem-"))
+    try:
+        subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(work / "base"),
+                        "base_model=tiny-random", "progress=false", "data.synth_users=16", "data.n_targets=4",
+                        "population.max_steps=2", "group.max_steps=2", "user.max_steps=2"], check=True, cwd=ROOT,
+                       capture_output=True)
+        copy, users = prepare(work / "base", n_users, work)
+        srv = Server(copy, "--cache-mb", str(cache_mb), threads=1)
+        try:
+            jobs = [(users[i], "hi") for i in range(asked)]
+            load(srv.url, jobs[:50], 8, 2)
+            after_50 = _rss(srv.proc.pid)
+            res = load(srv.url, jobs, 8, 2)
+            after = _rss(srv.proc.pid)
+            import httpx
+
+            cache = httpx.get(f"{srv.url}/health").json()["cache"]
+        finally:
+            srv.stop()
+        out = {"model": "tiny-random", "users_in_store": len(users), "distinct_users_asked": asked,
+               "cache_mb": cache_mb, "rss_after_50_users_mib": after_50 / 2**20,
+               "rss_after_all_mib": after / 2**20, "ratio": after / after_50, "errors": len(res["errors"]),
+               "cache_at_end": cache}
+        log(f"[serve] {asked} distinct users of {len(users)}, cache {cache_mb} MiB: RSS {after_50 / 2**20:.0f} MiB after "
+            f"50 users, {after / 2**20:.0f} MiB after {asked}")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=None, help="a trained run (default with --quick: a tiny one made here)")
@@ -191,7 +232,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="OMP threads of the server")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="results JSON")
+    ap.add_argument("--memory", action="store_true",
+                    help="instead: a tiny run with 10,000 users served with a 1 MiB cache, RSS as 1,000 distinct users ask")
     a = ap.parse_args(argv)
+    if a.memory:
+        res = bench_memory_bound()
+        print(json.dumps(res, indent=1))
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return 0
     tmp = None
     run = Path(a.run) if a.run else None
     if run is None:

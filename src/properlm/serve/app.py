@@ -339,7 +339,10 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "run": str(cfg.run), "level": srv.lm.level, **srv.engine.load}
+        caches = {name: {"users": len(b.cached), "bytes": b.nbytes}
+                  for name, b in (("lora", srv.lm.model.user_loras), ("emb", srv.lm.model.user_embs))
+                  if hasattr(b, "cached")}
+        return {"status": "ok", "run": str(cfg.run), "level": srv.lm.level, **srv.engine.load, "cache": caches}
 
     # -- users ----------------------------------------------------------------------------------
     @app.post("/v1/users/{user_id}/history", status_code=202)
