@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import properlm.model.device as device_mod
 from properlm.model.base import attention_for, load_base
 from properlm.model.device import autocast, base_dtype, device_of, resolve_device
 from properlm.model.generate import generate
@@ -23,12 +24,46 @@ def test_resolve_device_and_dtypes(monkeypatch):
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(device_mod, "native_bf16", lambda kind: True)  # a bf16 GPU
     assert base_dtype("auto", bf16=True, device=cuda) == torch.bfloat16   # 7B in 14 GB, not 28
     assert base_dtype("auto", bf16=True, device=cpu) == torch.float32     # CPU: bf16 copies while training
     assert base_dtype("auto", bf16=False, device=cuda) == torch.float32
     assert base_dtype("bfloat16", bf16=False, device=cpu) == torch.bfloat16
     assert attention_for("auto", cpu) == "eager" and attention_for("auto", cuda) == "sdpa"
     assert attention_for("sdpa", cpu) == "sdpa"
+
+
+def test_bf16_only_where_the_hardware_computes_it(monkeypatch, capsys, tiny_base):
+    """On a CPU or GPU without native bf16 (emulated: ~45x slower than float32 on an AVX2 CPU),
+    ``bf16: true`` computes in float32 and says so once; PROPERLM_CPU_BF16 overrides the check."""
+    from properlm.model.precision import frozen_bf16
+
+    monkeypatch.setattr(device_mod, "native_bf16", lambda kind: False)
+    device_mod._say_float32.cache_clear()
+    cpu = torch.device("cpu")
+    with autocast(True, cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    lm = tiny_base[0]
+    with frozen_bf16(lm, True) as swapped:
+        assert swapped == 0 and {p.dtype for p in lm.parameters()} == {torch.float32}
+    assert base_dtype("auto", bf16=True, device=torch.device("cuda")) == torch.float32  # a pre-Ampere GPU
+    err = capsys.readouterr().err
+    assert err.count("no native bfloat16") == 2 and "float32" in err  # once per device type
+    monkeypatch.setattr(device_mod, "native_bf16", lambda kind: True)
+    with autocast(True, cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(False, cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.undo()
+    for forced, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("PROPERLM_CPU_BF16", forced)
+        device_mod.native_bf16.cache_clear()
+        assert device_mod.native_bf16("cpu") is want
+    monkeypatch.delenv("PROPERLM_CPU_BF16")
+    device_mod.native_bf16.cache_clear()
+    assert device_mod.native_bf16("cpu") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    monkeypatch.setenv("PROPERLM_CPU_BF16", "1")  # as the suite runs (conftest)
+    device_mod.native_bf16.cache_clear()
 
 
 def test_base_model_loads_in_the_asked_dtype():

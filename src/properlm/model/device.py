@@ -9,9 +9,19 @@ runs CPU autocast.
     dtype = base_dtype("auto", bf16=True, device=device)  # bfloat16 weights on GPU, float32 on CPU
     with autocast(True, device):
         ...
+
+``bf16: true`` asks for bfloat16 where the hardware computes it: a GPU with bf16
+(Ampere or newer), a CPU whose oneDNN has bf16 kernels (AVX-512 or AMX on x86,
+BF16 on Arm). Elsewhere bf16 is emulated, about 45x slower than float32 on an
+AVX2-only CPU (docs/training.md), so properlm computes in float32 there and says
+so once. ``PROPERLM_CPU_BF16=1`` forces bf16 on any CPU, ``=0`` turns it off.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -39,6 +49,39 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return dev
 
 
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type``'s hardware runs bf16 matmuls natively (CPU: ``PROPERLM_CPU_BF16`` decides
+    when set to 1 or 0, else oneDNN's own check)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        forced = os.environ.get("PROPERLM_CPU_BF16", "").strip()
+        if forced in ("0", "1"):
+            return forced == "1"
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+@functools.cache
+def _say_float32(device_type: str) -> None:
+    print(f"properlm: bf16 is on, but this {device_type.upper()} has no native bfloat16 "
+          f"({'oneDNN reports none, e.g. AVX2 only' if device_type == 'cpu' else 'before Ampere'}): "
+          "computing in float32, which is much faster here"
+          + (" (PROPERLM_CPU_BF16=1 forces bf16)" if device_type == "cpu" else ""), file=sys.stderr, flush=True)
+
+
+def use_bf16(requested: bool, device: torch.device | str = "cpu") -> bool:
+    """``requested`` (the config's ``bf16``) where ``device`` computes bf16 natively, else False (said once)."""
+    if not requested:
+        return False
+    kind = torch.device(device).type
+    if native_bf16(kind):
+        return True
+    _say_float32(kind)
+    return False
+
+
 def base_dtype(spec: str, bf16: bool, device: torch.device) -> torch.dtype:
     """The dtype the frozen base weights are loaded in.
 
@@ -54,7 +97,7 @@ def base_dtype(spec: str, bf16: bool, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if spec != "auto":
         raise ValueError(f"unknown base dtype {spec!r}: use auto, float32 or bfloat16")
-    return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+    return torch.bfloat16 if device.type == "cuda" and use_bf16(bf16, device) else torch.float32
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -67,5 +110,7 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 def autocast(enabled: bool, device: torch.device | str = "cpu"):
-    """bf16 autocast for ``device``'s type when ``enabled``, else a no-op context."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast for ``device``'s type when ``enabled`` and the device computes bf16 natively
+    (:func:`use_bf16`), else a no-op context."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=use_bf16(enabled, device))

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from properlm.model.device import device_of, use_bf16
+
 
 @contextlib.contextmanager
 def frozen_bf16(model: nn.Module, enabled: bool) -> Iterator[int]:
@@ -34,7 +36,7 @@ def frozen_bf16(model: nn.Module, enabled: bool) -> Iterator[int]:
     """
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
     head = None
-    if enabled:
+    if use_bf16(enabled, device_of(model)):  # no bf16 copies where autocast will not use them
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         for m in decoder.layers.modules():
             w = getattr(m, "weight", None)
