@@ -15,6 +15,7 @@ Nothing is ever fetched from a model hub.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import os
 import shutil
@@ -68,6 +69,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process converted it first (rename onto a non-empty directory fails):
+        # its copy is complete, since it too was renamed in whole.
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (out / "config.json").exists():
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
