@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import BenchConfig, machine_info, matmul_peak, peak_sweep
 
-SECTIONS = ("train", "levers", "generate", "memory", "store")
+SECTIONS = ("train", "levers", "generate", "memory", "store", "serve")
 
 # glibc malloc settings the benchmark process runs under (re-executed with them unless
 # --default-malloc): one process holds all contenders' models (two ProperModels and a
@@ -58,6 +58,10 @@ TARGETS = {
         (1.5, "<=", lambda r: r["store"]["add"]["bytes_ratio"], "store"),
     "cold load of one user from the store, median ms (SmolLM2 shapes)":
         (50.0, "<=", lambda r: r["store"]["cold_load"]["cold_ms_median"], "store"),
+    "server, 32 clients of 32 users: continuous batching vs one request at a time, requests/s":
+        (5.0, ">=", lambda r: r["serve"]["throughput_ratio_32"], "serve"),
+    "server, batched: worst p99 / p50 latency over 1, 8 and 32 clients":
+        (2.0, "<=", lambda r: r["serve"]["worst_p99_over_p50_batched"], "serve"),
 }
 
 
@@ -68,7 +72,7 @@ def checks(res: dict, quick: bool) -> list[tuple[str, float, str, bool]]:
         if sec not in res:
             continue
         v = get(res)
-        if quick and sec in ("train", "generate"):  # targets for the embedded model; the tiny one only has to run
+        if quick and sec in ("train", "generate", "serve"):  # targets for the embedded model; the tiny one only has to run
             out.append((name, v, "finite (quick)", math.isfinite(v) and v > 0))
         else:
             out.append((name, v, f"{how} {target:g}", v >= target if how == ">=" else v <= target))
@@ -133,6 +137,16 @@ def summary(res: dict) -> str:
         lines.append(f"cold load of one user ({c['model']}, {c['user_param_bytes'] / 2**20:.1f} MiB): median "
                      f"{c['cold_ms_median']:.1f} ms, p99 {c['cold_ms_p99']:.1f} ms; from the page cache "
                      f"{c['page_cached_ms_median']:.1f} / {c['page_cached_ms_p99']:.1f} ms")
+    if "serve" in res:
+        sv = res["serve"]
+        lines.append(f"\nserver ({sv['model']}; {sv['users']} users, greedy, {sv['max_tokens']} new tokens):")
+        for name, rows in sv["settings"].items():
+            for c, r in rows.items():
+                lines.append(f"  {name:<14} {c:>3} clients: {r['requests_per_s']:6.2f} req/s, p50 {r['p50_s']:6.2f} s, "
+                             f"p99 {r['p99_s']:6.2f} s (p99/p50 {r['p99_over_p50']:.2f})")
+        lines.append(f"  batched vs one at a time at 32 clients: {sv['throughput_ratio_32']:.2f}x; uncached user "
+                     f"{sv['uncached_user_latency_s']:.2f} s (warm {sv['warm_single_latency_s']:.2f} s); 32 streams: "
+                     f"{sv['stream_tokens_per_s_per_request_32']:.1f} tokens/s each")
     return "\n".join(lines)
 
 
@@ -169,6 +183,9 @@ def section(name: str, cfg: BenchConfig, log) -> dict:
     if name == "memory":
         from benchmarks.memory import bench_memory
         return bench_memory(cfg, log)
+    if name == "serve":
+        from benchmarks.serve import bench_serve_section
+        return bench_serve_section(cfg, log)
     from benchmarks.store import bench_store
     return bench_store(cfg, log)
 

@@ -184,6 +184,28 @@ def bench_serve(run: Path, requests: int, max_tokens: int, threads: int | None, 
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _short_run(work: Path, model: str) -> Path:
+    """A run of ``model`` trained for a few steps: the server's speed does not depend on the weights."""
+    out = work / "run"
+    subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(out),
+                    f"base_model={model}", "progress=false", "data.synth_users=16", "data.n_targets=4",
+                    "population.max_steps=2", "group.max_steps=2", "user.max_steps=2", "group.unseen_epochs=1"],
+                   check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+def bench_serve_section(cfg, log=print) -> dict:
+    """``python -m benchmarks.run --only serve``: the load benchmark on a short run of ``cfg.model``
+    (the tiny model, 16 requests and 8 tokens with ``--quick``)."""
+    work = Path(tempfile.mkdtemp(prefix="properlm-bench-serve-run-"))
+    try:
+        run = _short_run(work, "tiny-random" if cfg.quick else cfg.model)
+        res = bench_serve(run, 16 if cfg.quick else 64, 8 if cfg.quick else cfg.gen_tokens, cfg.threads, log)
+        return {**res, "model": "tiny-random" if cfg.quick else cfg.model}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _rss(pid: int, field: str = "VmRSS") -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -196,11 +218,7 @@ def bench_memory_bound(n_users: int = 10000, asked: int = 3000, cache_mb: float 
     """A tiny run with ``n_users`` in its store, served with a small cache: RSS after 50 users vs after ``asked``."""
     work = Path(tempfile.mkdtemp(prefix="properlm-bench-servemem-"))
     try:
-        subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(work / "base"),
-                        "base_model=tiny-random", "progress=false", "data.synth_users=16", "data.n_targets=4",
-                        "population.max_steps=2", "group.max_steps=2", "user.max_steps=2"], check=True, cwd=ROOT,
-                       capture_output=True)
-        copy, users = prepare(work / "base", n_users, work)
+        copy, users = prepare(_short_run(work / "base", "tiny-random"), n_users, work)
         srv = Server(copy, "--cache-mb", str(cache_mb), threads=1)
         try:
             jobs = [(users[i], "hi") for i in range(asked)]
@@ -247,10 +265,7 @@ def main(argv=None) -> int:
         if not a.quick:
             ap.error("--run is needed (or --quick)")
         tmp = Path(tempfile.mkdtemp(prefix="properlm-bench-serve-run-"))
-        subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(tmp / "run"),
-                        "base_model=tiny-random", "progress=false", "data.synth_users=16", "data.n_targets=4",
-                        "population.max_steps=2", "group.max_steps=2", "user.max_steps=2"], check=True, cwd=ROOT)
-        run = tmp / "run"
+        run = _short_run(tmp, "tiny-random")
     try:
         res = bench_serve(run, 16 if a.quick else a.requests, 8 if a.quick else a.max_tokens, a.threads)
     finally:
