@@ -55,7 +55,7 @@ def test_working_set_is_one_cohort_and_adapters_equal_all_at_once(group_model, t
     assert banks[2].keys() == banks[100].keys() and len(banks[2]) == len(USERS) * (12 + 24 + 1)  # 6 sites: A, B, moments, steps
     # Cohorts put other users beside a user in a step (other padding, other summation order), and
     # AdamW's normalised update turns that float noise in a near-zero gradient into up to ~lr-sized
-    # steps: 5.5e-5 was seen on an Intel Xeon, where training moves lora_B from zero to ~0.08.
+    # steps: 5.5e-5 was seen on an AMD EPYC (Zen 1, AVX2), where training moves lora_B from zero to ~0.08.
     for k in banks[2]:
         atol = 1e-4 if "/params." in k else 2e-5
         torch.testing.assert_close(banks[2][k], banks[100][k], atol=atol, rtol=1e-4, msg=k)
