@@ -97,12 +97,22 @@ def machine_info() -> dict:
     }
 
 
-def matmul_peak(n: int = 2048, seconds: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> float:
-    """This machine's matmul rate in FLOP/s: the fastest of repeated (n x n) @ (n x n) products.
+def compute_dtype() -> torch.dtype:
+    """The dtype a ``bf16: true`` run computes in on this CPU: bf16 where it is native, else float32
+    (:func:`properlm.model.device.native_bf16`; emulated bf16 ran a 4096 matmul in minutes)."""
+    from properlm.model.device import native_bf16
+
+    return torch.bfloat16 if native_bf16("cpu") else torch.float32
+
+
+def matmul_peak(n: int = 2048, seconds: float = 1.0, dtype: torch.dtype | None = None) -> float:
+    """This machine's matmul rate in FLOP/s: the fastest of repeated (n x n) @ (n x n) products
+    (in :func:`compute_dtype` unless ``dtype`` is given).
 
     The fastest call, not the mean: on a shared machine a call that another
     process interrupted says nothing about what the hardware can do.
     """
+    dtype = dtype or compute_dtype()
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
     best, t_end = float("inf"), time.perf_counter() + seconds
@@ -116,10 +126,14 @@ def matmul_peak(n: int = 2048, seconds: float = 1.0, dtype: torch.dtype = torch.
 
 
 def peak_sweep(sizes=(1024, 2048, 4096), seconds: float = 1.5) -> dict[str, float]:
-    """bf16 and fp32 matmul peaks over a few square sizes (GFLOP/s), to pick the size of the per-round peak."""
+    """Matmul peaks over a few square sizes in the compute dtype, and fp32 at 2048 (GFLOP/s).
+
+    On a CPU without native bf16 the compute dtype is float32 (keys ``fp32_N``), and
+    the "share of the bf16 peak" figures are shares of the float32 peak."""
     out = {}
+    name = "bf16" if compute_dtype() == torch.bfloat16 else "fp32"
     for n in sizes:
-        out[f"bf16_{n}"] = matmul_peak(n, seconds) / 1e9
+        out[f"{name}_{n}"] = matmul_peak(n, seconds) / 1e9
     out["fp32_2048"] = matmul_peak(2048, seconds, torch.float32) / 1e9
     return out
 

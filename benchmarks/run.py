@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BenchConfig, machine_info, matmul_peak, peak_sweep
+from benchmarks.common import BenchConfig, compute_dtype, machine_info, matmul_peak, peak_sweep
 
 SECTIONS = ("train", "levers", "generate", "memory", "store", "serve")
 
@@ -86,7 +86,7 @@ def summary(res: dict) -> str:
                  f"load average at start {m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}; other busy "
                  f"processes at start {m.get('busy_processes_at_start', '?')}, at end {m.get('busy_processes_at_end', '?')}")
     p = res["peaks_gflops"]
-    lines.append("bf16 matmul peak: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) + " GFLOP/s")
+    lines.append("matmul peak: " + ", ".join(f"{k} {v:.0f}" for k, v in p.items()) + " GFLOP/s")
     if "train" in res:
         t = res["train"]
         c = t["contenders"]
@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     peaks = peak_sweep(seconds=0.5 if a.quick else 1.5)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    peaks["bf16_2048_1thread"] = matmul_peak(2048, 0.5 if a.quick else 1.5) / 1e9
+    peaks[f"{'bf16' if compute_dtype() == torch.bfloat16 else 'fp32'}_2048_1thread"] = \
+        matmul_peak(2048, 0.5 if a.quick else 1.5) / 1e9
     torch.set_num_threads(n)
     res["peaks_gflops"] = peaks
     log("matmul peaks (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
