@@ -85,6 +85,36 @@ def test_delete_leaves_no_trace_in_any_file(run, tmp_path):
     assert lm.generate(["hi"], [kept], max_new_tokens=1)
 
 
+def test_a_failed_one_user_add_leaves_no_logs_behind(run, tmp_path):
+    """An onboarding job that failed keeps its add's logs (the loss on the user's own data) under a
+    name derived from their id, which a byte scan for the id cannot find: the delete removes them."""
+    from properlm.train.users import add_stage
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run, run_dir)
+    target = json.loads((run_dir / "split.json").read_text())["target"][0]
+    stage = add_stage([target])
+    left = [run_dir / "logs" / f"{stage}.jsonl", run_dir / "logs" / stage / "fit.jsonl",
+            run_dir / "logs" / "tb" / stage / "events", run_dir / "checkpoints" / stage / "step-1" / "x"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text('{"loss": 1.0}\n')
+    other = run_dir / "logs" / f"{add_stage(['someone-else'])}.jsonl"
+    other.write_text('{"loss": 2.0}\n')
+    removed = forget_users(run_dir, [target])
+    assert removed["add logs and checkpoints"] == 4 and not any(p.exists() for p in left)
+    assert other.exists()
+
+
+def test_a_report_is_found_holding_an_id_in_escaped_form(tmp_path):
+    from properlm.forget import _mentions
+
+    (tmp_path / "per_user.csv").write_text('user_id,acc\n"bob ""the"" builder",1\n')
+    (tmp_path / "r.json").write_text(json.dumps({"u": "back\\slash"}))
+    assert _mentions(tmp_path, {'bob "the" builder'}) and _mentions(tmp_path, {"back\\slash"})
+    assert not _mentions(tmp_path, {"nobody"})
+
+
 def test_oppu_users_keep_their_own_adapter_after_a_delete(run, tmp_path):
     """The defect: a stale user list in baseline.json served the deleted user's id the next user's
     adapter, and the last user hit an IndexError. Users now come from the bank itself."""

@@ -199,6 +199,58 @@ def test_bad_requests_get_one_json_error_and_the_server_serves_on(server, target
     assert _greedy(c, targets[0], "still here?", n=2)  # served on after all of that
 
 
+def test_sampling_and_stop_fields_are_checked_and_one_request_never_fails_the_batch(server, targets):
+    c = server.client()
+    for body, param in (({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": "x" * 600}, "stop"),
+                        ({"stop": ["x" * 600]}, "stop"), ({"seed": 2 ** 64}, "seed")):
+        r = server.http("POST", "/v1/completions", json={"model": targets[0], "prompt": "x", **body})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (body, r.text)
+    # An empty stop string stops nothing (it would match before the first token).
+    assert _greedy(c, targets[0], "hi", n=4, stop="") == _greedy(c, targets[0], "hi", n=4)
+    # A temperature so small that logits / temperature overflow float32 is greedy in effect, and the
+    # requests decoded beside it are answered as usual.
+    results = {}
+
+    def ask(name, **kw):
+        results[name] = c.completions.create(model=targets[1], prompt="hi", max_tokens=6, **kw).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=("tiny",), kwargs={"temperature": 1e-40, "seed": 1}),
+               threading.Thread(target=ask, args=("greedy",), kwargs={"temperature": 0})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["tiny"] == results["greedy"] == _greedy(c, targets[1], "hi")
+
+
+def test_deleting_a_user_mid_decoding_fails_no_one_else(server, targets):
+    """Requests of a user being deleted end in 404; the other rows of the same batches are answered."""
+    user = "leaving-3f1a"
+    r = server.http("POST", f"/v1/users/{user}/history", content=_history(user, 12))
+    job = r.json()["job"]
+    while server.http("GET", f"/v1/jobs/{job['id']}").json()["state"] in ("queued", "running"):
+        time.sleep(0.2)
+    statuses, lock = {}, threading.Lock()
+
+    def ask(i, who):
+        resp = server.http("POST", "/v1/completions", json={"model": who, "prompt": f"hi {i}", "max_tokens": 40,
+                                                            "temperature": 0, "stop": []})
+        with lock:
+            statuses.setdefault(who, []).append(resp.status_code)
+
+    others = [targets[i % len(targets)] for i in range(6)]
+    threads = [threading.Thread(target=ask, args=(i, who)) for i, who in enumerate([user] * 6 + others)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert server.http("DELETE", f"/v1/users/{user}").status_code == 200
+    for t in threads:
+        t.join()
+    assert set(statuses[user]) <= {200, 404}  # answered before the delete, or refused
+    assert all(code == 200 for who in set(others) for code in statuses[who])
+    assert server.http("POST", "/v1/completions", json={"model": user, "prompt": "x"}).status_code == 404
+
+
 def test_user_keys_reach_only_their_own_model(server, targets):
     r = server.http("POST", f"/v1/users/{targets[3]}/keys")
     assert r.status_code == 201

@@ -17,6 +17,8 @@ checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's row
                                          ``properlm report``)
 ``RUN/serve/``                           the server's records of the user (API keys, onboarding
                                          jobs, uploaded history) removed
+``RUN/{logs,checkpoints}/add-users/``    the logs and checkpoints of a one-user ``users add``
+                                         (an onboarding job) that failed or was killed
 =======================================  ====================================================
 
 Each file is rewritten atomically, only when it holds the user. A delete first
@@ -30,6 +32,7 @@ and group weights is not unlearned.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -72,8 +75,12 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
         shutil.rmtree(report)
         count("report directories", 1)
     from properlm.serve.jobs import forget_serve_state
+    from properlm.train.users import add_stage, clean_add
 
     count("server records (keys, jobs, uploads)", sum(forget_serve_state(run_dir, u) for u in ids))
+    # A one-user add that failed or was killed keeps its logs and checkpoints (to resume); they are
+    # the loss on the user's own data, under a name derived from their id (onboarding adds one user).
+    count("add logs and checkpoints", sum(clean_add(run_dir, add_stage([u])) for u in ids))
     for p in intents.values():  # done: the intent, the last file that names the user, goes
         p.unlink(missing_ok=True)
     return removed
@@ -100,7 +107,10 @@ def _drill_point() -> None:
 
 
 def _mentions(root: Path, ids: set[str]) -> bool:
-    needles = [u.encode("utf-8") for u in ids]
+    """Whether any file under ``root`` holds one of ``ids`` as is, JSON-escaped or CSV-quoted."""
+    forms = {f for u in ids for f in (u, json.dumps(u)[1:-1], json.dumps(u, ensure_ascii=False)[1:-1],
+                                      u.replace('"', '""'))}
+    needles = [f.encode("utf-8", "surrogatepass") for f in forms]
     for f in root.rglob("*"):
         if f.is_file():
             data = f.read_bytes()
@@ -171,8 +181,9 @@ def _scrub_eval(run_dir: Path, ids: set[str]) -> int:
         entry = read_json(scores_path) if scores_path.exists() else {}
         task = get_task(entry["task"]) if entry.get("task") else None
         scored = [(x["output"], gold[x["id"]]) for x in keep if x["id"] in gold]
-        if task is not None and entry.get("metrics") and scored:
-            entry["metrics"] = score(task.kind, [a for a, _ in scored], [b for _, b in scored], task.labels)
+        if task is not None and entry.get("metrics"):  # no query left: no metrics, not the old ones
+            entry["metrics"] = (score(task.kind, [a for a, _ in scored], [b for _, b in scored], task.labels)
+                                if scored else {})
         entry["n_users"] = len(kept_rows) if per_user else entry.get("n_users")
         entry["n_queries"] = len(keep)
         write_json(scores_path, entry)

@@ -169,7 +169,8 @@ def choose(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, t
     """The next token from one row's logits (V,): greedy at temperature 0, else sampled (top-k, then top-p)."""
     if temperature <= 0:
         return int(logits.argmax())
-    x = logits.float() / temperature
+    # A tiny temperature is greedy in effect; below 1e-5 it would overflow float32 (inf/nan probabilities).
+    x = logits.float() / max(temperature, 1e-5)
     if top_k is not None and 0 < top_k < x.numel():
         kth = torch.topk(x, top_k).values[-1]
         x = x.masked_fill(x < kth, float("-inf"))

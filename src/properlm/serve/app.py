@@ -118,6 +118,7 @@ class Server:
         self.jobs = Jobs(cfg.run, on_done=self.lm.forget, train_threads=cfg.train_threads)
         self.admin_key = cfg.admin_key
         self.new_admin_key: str | None = None
+        self.deleting: set[str] = set()  # users whose DELETE is under way: their requests are 404
         if cfg.auth and not self.admin_key and not self.keys.has_admin():
             self.new_admin_key = self.keys.issue(None)  # shown once, by the command; only its hash is kept
 
@@ -166,6 +167,8 @@ class Server:
                            param="model")
         if user is None:
             return None, MODEL_BASE, None
+        if user in self.deleting:
+            raise ApiError(404, f"unknown user {user!r}: being deleted", "not_found_error", param="model")
         job = self.jobs.active_for(user)
         try:
             kind = self.lm.model_for(user)
@@ -384,11 +387,20 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
                  or srv.jobs.active_for(user_id) is not None or srv.keys.user_record(user_id).get("keys"))
         if not known:
             raise ApiError(404, f"unknown user {user_id!r}", "not_found_error", param="user_id")
-        srv.engine.cancel_user(user_id)
-        await asyncio.to_thread(srv.jobs.cancel_user, user_id)
-        srv.jobs.forget(user_id)
-        removed = await asyncio.to_thread(forget_users, cfg.run, [user_id])
-        srv.lm.forget(user_id)
+        # From here on no new request of theirs is admitted (resolve() and submit() run with no await
+        # between them, so every earlier one is already queued or running and is cancelled here).
+        srv.deleting.add(user_id)
+        try:
+            srv.engine.cancel_user(user_id)
+            # A running onboarding job stops at its next step; until it has, it could still write the
+            # user back, so the delete waits for it (however long its step takes).
+            await asyncio.to_thread(srv.jobs.cancel_user, user_id, None)
+            srv.jobs.forget(user_id)
+            removed = await asyncio.to_thread(forget_users, cfg.run, [user_id])
+            srv.lm.forget(user_id)
+            srv.engine.cancel_user(user_id)
+        finally:
+            srv.deleting.discard(user_id)
         return {"deleted": user_id, "removed": removed}
 
     @app.get("/v1/users")

@@ -144,10 +144,11 @@ class Engine:
                 self._admit(take)
                 if self.active:
                     self._step()
-            except Exception as e:  # a bug must not take every later request down with it
+            except Exception:  # a bug must not take every later request down with it
                 log.exception("decoding step failed")
+                # The details go to the log only: they may name another request's user.
                 for r in [*self.active, *take]:
-                    self._fail(r, 500, f"internal error while decoding: {type(e).__name__}: {e}")
+                    self._fail(r, 500, "internal error while decoding")
                 self.active = []
                 self.batch = DecodeBatch(self.model, self.tok.pad_token_id, self.bf16)
 
@@ -197,7 +198,13 @@ class Engine:
             if self._dropped(r, now):
                 done.add(r)
                 continue
-            t = choose(logits[i], r.temperature, r.top_p, None, r.generator)
+            try:
+                t = choose(logits[i], r.temperature, r.top_p, None, r.generator)
+            except Exception:  # one row's sampling settings must not fail the others
+                log.exception("sampling failed for one request")
+                self._fail(r, 500, "internal error while sampling")
+                done.add(r)
+                continue
             if t in self.stops:
                 self._finish(r, "stop")
                 done.add(r)
@@ -225,7 +232,8 @@ class Engine:
         if hits:
             text = text[:min(hits)]
         else:
-            hold = max((k for s in r.stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+            hold = max((k for s in r.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                        if text.endswith(s[:k])), default=0)
             text = text[:len(text) - hold]
             if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 text = text[:-1]

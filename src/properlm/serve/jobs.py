@@ -147,14 +147,15 @@ class Jobs:
         self._queue.put(jid)
         return job
 
-    def cancel_user(self, user: str, wait: float = 60.0) -> int:
-        """Cancel the user's queued and running jobs and wait for a running one to stop; how many."""
+    def cancel_user(self, user: str, wait: float | None = 60.0) -> int:
+        """Cancel the user's queued and running jobs and wait (``wait`` seconds; None: as long as it takes)
+        for a running one to stop; how many. A queued one never starts."""
         jobs = [j for j in self.all() if j["user"] == user and j["state"] in (QUEUED, RUNNING)]
         for j in jobs:
             ev = self._cancel.get(j["id"])
             if ev is not None:
                 ev.set()
-        t_end = time.monotonic() + wait
+        t_end = time.monotonic() + (wait if wait is not None else float("inf"))
         while time.monotonic() < t_end and any((self.get(j["id"]) or {}).get("state") == RUNNING for j in jobs):
             time.sleep(0.05)
         return len(jobs)

@@ -11,7 +11,10 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+MAX_STOPS = 4
+MAX_STOP_CHARS = 512
 
 
 class _Sampling(BaseModel):
@@ -19,8 +22,9 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: up to 4 strings, as OpenAI allows; each is checked against the answer's tail at every token
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2 ** 63), lt=2 ** 64)  # what torch.Generator takes
     stream: bool = False
     user: str | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -28,7 +32,16 @@ class _Sampling(BaseModel):
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return ([self.stop] if self.stop else []) if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings")
+        if any(len(x) > MAX_STOP_CHARS for x in ([v] if isinstance(v, str) else v or [])):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
+        return v
 
 
 class CompletionRequest(_Sampling):

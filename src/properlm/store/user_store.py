@@ -50,7 +50,7 @@ PARTS = ("params", "adamw")
 
 def user_hash(user_id: str) -> str:
     """The hex sha256 of a user id: the user's file names and shard."""
-    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()
+    return hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _write_durable(path: Path, data: bytes) -> None:

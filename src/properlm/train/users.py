@@ -96,14 +96,21 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
                     on_step=on_step)
     except Cancelled:
-        _clean(run_dir, stage)
+        clean_add(run_dir, stage)
         raise
-    _clean(run_dir, stage)
+    clean_add(run_dir, stage)
     return user_ids
 
 
-def _clean(run_dir: Path, stage: str) -> None:
-    """An add's logs and checkpoints are its own: removed when it ends (kept after a crash, to resume)."""
+def clean_add(run_dir: str | Path, stage: str) -> int:
+    """An add's logs and checkpoints are its own: removed when it ends (kept after a crash, to resume).
+    How many of its files and directories there were."""
+    run_dir = Path(run_dir)
+    n = 0
     for d in (run_dir / "checkpoints" / stage, run_dir / "logs" / "tb" / stage, run_dir / "logs" / stage):
+        n += d.exists()
         shutil.rmtree(d, ignore_errors=True)
-    (run_dir / "logs" / f"{stage}.jsonl").unlink(missing_ok=True)
+    f = run_dir / "logs" / f"{stage}.jsonl"
+    n += f.exists()
+    f.unlink(missing_ok=True)
+    return n
