@@ -86,8 +86,10 @@ class DecodeBatch:
         self._bind(rows)
         try:
             with torch.no_grad(), autocast(self.bf16, self.device):
+                # logits_to_keep=1: the LM head only at the last position (a prefill of long prompts
+                # spent ~20% of its time on logits nobody reads).
                 out = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                              use_cache=True)
+                              use_cache=True, logits_to_keep=1)
         finally:
             if isinstance(self.model, ProperModel):
                 self.model.state.clear()
