@@ -46,3 +46,35 @@ def test_variants_reuse_main_stages_and_report_tables_3_and_sweep(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert (main / "eval" / "proper" / "scores.json").stat().st_mtime_ns == scores
     assert res2["tables"]["table3"] == res["tables"]["table3"]
+
+
+def test_seeds_give_one_grid_each_and_a_report_of_mean_and_sd(tmp_path):
+    from properlm.experiments import parse_seeds, run_seeds
+
+    assert parse_seeds("0,1,2") == [0, 1, 2] and parse_seeds(None) is None
+    with pytest.raises(ConfigError, match="distinct"):
+        parse_seeds("1,1")
+    cfg_path = tmp_path / "cfg.yaml"
+    save_config(small_cfg(data=dict(synth_users=8, n_targets=2)), cfg_path)
+    out = tmp_path / "seeds"
+    res = run_seeds(out, [0, 1], cfg_path, only="main", log=lambda m: None)
+    import json
+
+    assert "seed: 1" in (out / "seed-1" / "main" / "config.yaml").read_text()
+    golds = [(out / f"seed-{s}" / "main" / "eval" / "golds.json").read_text() for s in (0, 1)]
+    assert golds[0] != golds[1]  # a seed draws its own synthetic users
+    t1 = {r["method"]: r for r in res["tables"]["table1"]["rows"]}
+    per_seed = [{r["method"]: r for r in json.loads((out / f"seed-{s}" / "report" / "report.json").read_text())
+                 ["tables"]["table1"]["rows"]} for s in (0, 1)]
+    col = next(c for c in res["tables"]["table1"]["columns"] if c.endswith("accuracy"))
+    for m, row in t1.items():
+        vals = [p[m][col] for p in per_seed]
+        assert row[col]["values"] == vals and row[col]["n"] == 2
+        assert row[col]["mean"] == pytest.approx(sum(vals) / 2)
+        assert row[col]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    boot = {b["other"]: b for b in res["bootstrap"]}
+    n_queries = sum(len(json.loads((out / f"seed-{s}" / "main" / "eval" / "golds.json").read_text())["golds"])
+                    for s in (0, 1))
+    assert boot["stage1"]["n"] == n_queries and boot["stage1"]["runs"] == 2
+    md = (out / "report" / "report.md").read_text()
+    assert "±" in md and "all seeds' queries" in md

@@ -2,6 +2,7 @@
 
     properlm experiments --out runs/paper                      # configs/demo.yaml, every variant
     properlm experiments --out runs/paper --only main,ablations --config configs/movielens.yaml
+    properlm experiments --out runs/seeds --seeds 0,1,2 data.synth_queries=10   # mean ± sd over seeds
 
 One run directory per variant under ``--out``, then one report over all of them
 (``OUT/report/``: Table 1, Table 2, Table 3, the expert-count sweep, the
@@ -122,13 +123,48 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     return {**summary, "seconds": seconds}
 
 
-def cmd_experiments(args) -> int:
-    from properlm.evaluate.report import markdown_table
+def run_seeds(out: str | Path, seeds: list[int], config: str | Path | None = None, overrides: list[str] = (),
+              only: str | None = None, log=print) -> dict:
+    """The grid once per seed (``out/seed-<s>``, config ``seed=<s>``), then one report over the seeds
+    (``out/report``: mean ± sd per cell, bootstrap over all seeds' queries; :mod:`properlm.evaluate.seeds`)."""
+    from properlm.evaluate.seeds import seeds_report
 
-    res = run_experiments(args.out, args.config, args.overrides, args.only)
+    out = Path(out)
+    dirs = {}
+    for s in seeds:
+        log(f"== seed {s} ==")
+        run_experiments(out / f"seed-{s}", config, [*overrides, f"seed={s}"], only, log=log)
+        dirs[s] = out / f"seed-{s}"
+    log(f"report over {len(seeds)} seed(s) -> {out / 'report'}")
+    return seeds_report(dirs, out / "report")
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    """``"0,1,2"`` -> [0, 1, 2] (None: one grid with the config's seed)."""
+    if not text:
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ConfigError(f"--seeds: distinct integers, got {text!r}")
+    return seeds
+
+
+def cmd_experiments(args) -> int:
+    seeds = parse_seeds(args.seeds)
+    if seeds:
+        from properlm.evaluate.seeds import markdown
+
+        res = run_seeds(args.out, seeds, args.config, args.overrides, args.only)
+    else:
+        from properlm.evaluate.report import markdown_table as markdown
+
+        res = run_experiments(args.out, args.config, args.overrides, args.only)
     for t in res["tables"].values():
         print(f"\n{t['title']}\n")
-        print(markdown_table(t))
+        print(markdown(t))
     print(f"\nreport: {Path(args.out) / 'report' / 'report.md'}")
     return 0
 
@@ -144,5 +180,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--only", default=None,
                    help="comma-separated variants or groups (ablations, experts); main is added when needed")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="run the grid once per seed (OUT/seed-S) and report mean ± sd over them (OUT/report)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
     p.set_defaults(func=cmd_experiments)

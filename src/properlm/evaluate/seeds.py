@@ -1,0 +1,137 @@
+"""Tables over several seeds: mean and standard deviation per cell, and a bootstrap over every seed's queries.
+
+    properlm experiments --out runs/seeds --seeds 0,1,2 data.synth_queries=10     # one grid per seed
+    from properlm.evaluate.seeds import seeds_report
+    seeds_report({0: "runs/seeds/seed-0", 1: "runs/seeds/seed-1"}, "runs/seeds/report")
+
+Each seed's grid (``OUT/seed-<s>/``) has its own report (``OUT/seed-<s>/report/``).
+This combines them: every numeric cell of Tables 1-3 and the expert sweep as
+mean ± standard deviation over the seeds (sample standard deviation, n-1), and
+PROPER against stage 1, stage 2 and the OPPU baselines by a paired bootstrap on
+the per-query scores of all seeds' main runs together (each seed's queries are
+its own; a seed changes the data draw of a synthetic task as well as the
+initialisations and the data order).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from properlm.errors import ProperError
+from properlm.evaluate.metrics import HIGHER_IS_BETTER
+from properlm.evaluate.stats import PER_QUERY, paired_bootstrap, per_query
+from properlm.io import read_json, write_json, write_text
+
+#: the tables combined over seeds (the efficiency table is per run, not a score)
+SEED_TABLES = ("table1", "table2", "table3", "experts")
+_KEY_COLUMNS = ("method", "variant", "num_experts")
+
+
+def _key(row: dict) -> tuple:
+    return tuple((c, row[c]) for c in _KEY_COLUMNS if c in row)
+
+
+def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict]:
+    """``{table: {"title", "columns", "rows"}}`` whose metric cells are ``{"mean", "std", "n", "values"}``.
+
+    ``per_seed`` maps a seed to its report's ``tables``. A row is matched across seeds
+    by its method / variant / expert count; a seed without the row or cell adds nothing.
+    """
+    out: dict[str, dict] = {}
+    for name in SEED_TABLES:
+        tables = [t[name] for t in per_seed.values() if name in t]
+        if not tables:
+            continue
+        columns = list(dict.fromkeys(c for t in tables for c in t["columns"]))
+        keys: dict[tuple, dict] = {}
+        for t in tables:
+            for row in t["rows"]:
+                keys.setdefault(_key(row), {})
+                for c, v in row.items():
+                    if isinstance(v, (int, float)) and c not in _KEY_COLUMNS:
+                        keys[_key(row)].setdefault(c, []).append(float(v))
+        rows = []
+        for key, cells in keys.items():
+            row = dict(key)
+            for c, vals in cells.items():
+                row[c] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
+                          "n": len(vals), "values": vals}
+            rows.append(row)
+        out[name] = {"title": tables[0].get("title", name), "columns": columns, "rows": rows}
+    return out
+
+
+def pooled_bootstrap(main_runs: list[str | Path], method: str, other: str, n: int = 10000) -> dict | None:
+    """``method`` minus ``other`` over the queries of every run (paired within each run); None if absent."""
+    a_all, b_all, name = [], [], None
+    for run in main_runs:
+        try:
+            ids_a, a, name = per_query(run, method)
+            ids_b, b, _ = per_query(run, other)
+        except ProperError:  # a method not evaluated in this run
+            continue
+        at = {q: i for i, q in enumerate(ids_a)}
+        common = [q for q in ids_b if q in at]
+        bt = {q: i for i, q in enumerate(ids_b)}
+        a_all.append(a[[at[q] for q in common]])
+        b_all.append(b[[bt[q] for q in common]])
+    if not a_all or not sum(len(x) for x in a_all):
+        return None
+    res = paired_bootstrap(np.concatenate(a_all), np.concatenate(b_all), n=n)
+    higher = next((h for m, h in PER_QUERY.values() if m == name), True)
+    lo, hi = res["ci95"]
+    return {**res, "method": method, "other": other, "metric": name, "runs": len(a_all),
+            "better": bool(lo > 0) if higher else bool(hi < 0)}
+
+
+def _cell(v) -> str:
+    if isinstance(v, dict):
+        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["n"] > 1 else f"{v['mean']:.4f}"
+    return "" if v is None else str(v)
+
+
+def markdown(table: dict) -> str:
+    """A combined table as GitHub Markdown (mean ± sd; arrows for each metric's direction)."""
+    cols = table["columns"]
+    head = [f"{c} {'↑' if HIGHER_IS_BETTER[c.rsplit(' ', 1)[-1]] else '↓'}"
+            if c.rsplit(" ", 1)[-1] in HIGHER_IS_BETTER else c for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in table["rows"]]
+    return "\n".join(lines)
+
+
+def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> dict:
+    """Combine the seeds' grids (each with ``report/report.json`` and a ``main`` run) into ``out_dir``.
+
+    Returns ``{"seeds", "tables", "bootstrap", "files"}``; writes ``report.md`` and ``report.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_seed = {s: read_json(Path(d) / "report" / "report.json")["tables"] for s, d in seed_dirs.items()}
+    tables = combine_tables(per_seed)
+    mains = [Path(d) / "main" for d in seed_dirs.values() if (Path(d) / "main" / "eval" / "golds.json").exists()]
+    boot = [b for other in ("stage1", "stage2", "oppu-mlp", "oppu-kv")
+            if (b := pooled_bootstrap(mains, "proper", other)) is not None]
+    seeds = sorted(seed_dirs)
+    md = ["# PROPER over seeds", "", f"Seeds: {', '.join(map(str, seeds))} (one grid each: "
+          + ", ".join(f"`{seed_dirs[s]}`" for s in seeds) + "). Cells: mean ± sample standard deviation over "
+          "the seeds.", ""]
+    for t in tables.values():
+        md += [f"## {t['title']}", "", markdown(t), ""]
+    if boot:
+        md += ["## PROPER against the baselines, all seeds' queries", "",
+               "Paired bootstrap (10,000 resamples) of the per-query difference, PROPER minus the other method, "
+               "over the held-out queries of every seed's main run together.", "",
+               "| vs | metric | queries | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
+        md += [f"| {b['other']} | {b['metric']} | {b['n']} | {b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, "
+               f"{b['ci95'][1]:+.4f}] | {'yes' if b['better'] else 'no'} |" for b in boot]
+        md += [""]
+    write_text(out / "report.md", "\n".join(md) + "\n")
+    summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,
+               "bootstrap": boot}
+    write_json(out / "report.json", summary)
+    return {**summary, "files": [str(out / "report.md"), str(out / "report.json")]}
