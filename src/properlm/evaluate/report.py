@@ -282,6 +282,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def markdown_head(cols: Sequence[str]) -> list[str]:
+    """A Markdown table's two header lines; metric columns get an arrow for their direction."""
+    head = [f"{c} {'↑' if HIGHER_IS_BETTER[c.rsplit(' ', 1)[-1]] else '↓'}"
+            if c.rsplit(" ", 1)[-1] in HIGHER_IS_BETTER else c for c in cols]
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+
+
 def markdown_table(table: dict) -> str:
     """A table as GitHub Markdown; the best value of each metric column in bold, arrows for direction."""
     cols = table["columns"]
@@ -291,9 +298,7 @@ def markdown_table(table: dict) -> str:
         vals = [r[c] for r in table["rows"] if isinstance(r.get(c), float)]
         if metric in HIGHER_IS_BETTER and len(set(vals)) > 1:
             best[c] = max(vals) if HIGHER_IS_BETTER[metric] else min(vals)
-    head = [f"{c} {'↑' if HIGHER_IS_BETTER[c.rsplit(' ', 1)[-1]] else '↓'}"
-            if c.rsplit(" ", 1)[-1] in HIGHER_IS_BETTER else c for c in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = markdown_head(cols)
     for r in table["rows"]:
         cells = [f"**{_fmt(r.get(c))}**" if c in best and r.get(c) == best[c] else _fmt(r.get(c)) for c in cols]
         lines.append("| " + " | ".join(cells) + " |")

@@ -22,7 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.metrics import HIGHER_IS_BETTER
+from properlm.evaluate.report import markdown_head
 from properlm.evaluate.stats import PER_QUERY, paired_bootstrap, per_query
 from properlm.io import read_json, write_json, write_text
 
@@ -97,9 +97,7 @@ def _cell(v) -> str:
 def markdown(table: dict) -> str:
     """A combined table as GitHub Markdown (mean ± sd; arrows for each metric's direction)."""
     cols = table["columns"]
-    head = [f"{c} {'↑' if HIGHER_IS_BETTER[c.rsplit(' ', 1)[-1]] else '↓'}"
-            if c.rsplit(" ", 1)[-1] in HIGHER_IS_BETTER else c for c in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines = markdown_head(cols)
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in table["rows"]]
     return "\n".join(lines)
 
