@@ -54,7 +54,7 @@ def native_bf16(device_type: str) -> bool:
     """Whether ``device_type``'s hardware runs bf16 matmuls natively (CPU: ``PROPERLM_CPU_BF16`` decides
     when set to 1 or 0, else oneDNN's own check)."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
         forced = os.environ.get("PROPERLM_CPU_BF16", "").strip()
         if forced in ("0", "1"):
