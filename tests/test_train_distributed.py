@@ -66,6 +66,19 @@ def test_two_processes_train_the_same_adapters_as_one(one, tmp_path):
     assert len((two / "logs" / "group.jsonl").read_text().splitlines()) == 6
 
 
+def test_accelerate_launch_of_python_m_properlm_trains_the_same_adapters(one, tmp_path):
+    """The documented ``accelerate launch --multi_gpu --num_processes 2 -m properlm train ...`` (gloo
+    without GPUs) equals one process, like ``--processes 2``."""
+    two = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "properlm", "train", "--all", "--out", str(two), *ARGS]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("trained population, group, user") == 1  # rank 0 alone reports
+    assert_close_runs(one, two)
+
+
 def test_two_processes_killed_mid_stage_resume_to_the_same_adapters(one, tmp_path):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(two), "--processes", "2", *ARGS]

@@ -26,7 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ProperError("say which stage to train: --stage population|group|user, or --all")
     stages = STAGES if args.all else (args.stage,)
     train(cfg, run_dir, stages, resume=args.resume)
-    print(f"trained {', '.join(stages)} into {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line for a run of several processes, not one per rank
+        print(f"trained {', '.join(stages)} into {run_dir}")
     return 0
 
 
@@ -85,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="train in N processes on this machine (data-parallel stages 1-2, users sharded in stage 3; "
-                        "the same as accelerate launch --num_processes N -m properlm.cli train ...)")
+                        "the same as accelerate launch --multi_gpu --num_processes N -m properlm train ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_train)
 

@@ -1,7 +1,7 @@
 """Several training processes: which rank this is, and the few collectives the training loops need.
 
     properlm train --all --processes 2 ...                        # on this machine (CPU: gloo; GPUs: one each)
-    accelerate launch --multi_gpu --num_processes 8 -m properlm.cli train --all ...
+    accelerate launch --multi_gpu --num_processes 8 -m properlm train --all ...
 
 The process group comes from Hugging Face accelerate (``PartialState``), which
 reads the launcher's environment (``accelerate launch``, ``torchrun``, ``--processes``):
