@@ -377,8 +377,12 @@ def test_a_restart_keeps_onboarded_users_and_keys(run, tmp_path):
         before = _greedy(srv.client(key=key), "stays-9e1", PROMPT.format("jazz"))
     finally:
         srv.stop()
+    stale = run / "serve" / "tmp" / "up-killed.jsonl"  # a scratch upload a killed server left behind
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text('{"prompt": "private", "response": "data"}\n')
     srv = RemoteServer(run)
     try:
+        assert not stale.exists()
         assert _greedy(srv.client(key=key), "stays-9e1", PROMPT.format("jazz")) == before
         assert srv.http("GET", f"/v1/jobs/{job}", key=key).json()["state"] == "done"
     finally:

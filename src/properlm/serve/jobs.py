@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -117,7 +118,9 @@ class Jobs:
 
     # -- submitting ----------------------------------------------------------------------------
     def start(self) -> "Jobs":
-        """Start the worker; jobs a restart interrupted are queued again (they resume)."""
+        """Start the worker; jobs a restart interrupted are queued again (they resume). Scratch copies
+        of uploads that a killed process left in ``serve/tmp`` (users' data under random names) go."""
+        shutil.rmtree(self.root / "tmp", ignore_errors=True)
         for job in self.all():
             if job["state"] in (QUEUED, RUNNING):
                 job["state"], job["resume"] = QUEUED, True
