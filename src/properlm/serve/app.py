@@ -361,6 +361,9 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
                                                cfg.run / "serve" / "tmp" / f"{new_id('up')}.jsonl")
         except (ProperError, UnicodeDecodeError) as e:
             raise ApiError(400, f"history: {' '.join(str(e).split())}", param="body") from None
+        if user_id in srv.deleting:  # checked after the last await: a delete under way is not undone
+            raise ApiError(409, f"user {user_id!r} is being deleted; send their history again once it is done",
+                           param="user_id")
         refresh = user_id in srv.lm.model.user_loras if srv.lm.model.user_loras is not None else False
         job = srv.jobs.submit(user_id, body, examples, refresh)
         out = {"user": user_id, "job": job, "refresh": refresh}
