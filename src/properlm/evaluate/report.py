@@ -289,6 +289,12 @@ def markdown_head(cols: Sequence[str]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
 
 
+def bootstrap_cells(b: dict) -> str:
+    """A bootstrap comparison's difference, 95% interval and verdict as Markdown cells."""
+    return (f"{b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] | "
+            f"{'yes' if b['better'] else 'no'}")
+
+
 def markdown_table(table: dict) -> str:
     """A table as GitHub Markdown; the best value of each metric column in bold, arrows for direction."""
     cols = table["columns"]
@@ -394,8 +400,7 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
                "Difference of per-query means (PROPER minus the other method; 10,000 resamples of the queries), "
                "its 95% interval, and whether the whole interval is on PROPER's better side.", "",
                "| task | vs | metric | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
-        md += [f"| {b['task']} | {b['other']} | {b['metric']} | {b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, "
-               f"{b['ci95'][1]:+.4f}] | {'yes' if b['better'] else 'no'} |" for b in boot]
+        md += [f"| {b['task']} | {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
     if ari is not None:
         md += ["## Routing vs planted groups", "",

@@ -22,8 +22,8 @@ from typing import Mapping
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.report import markdown_head
-from properlm.evaluate.stats import PER_QUERY, paired_bootstrap, per_query
+from properlm.evaluate.report import bootstrap_cells, markdown_head
+from properlm.evaluate.stats import aligned, judged, paired_bootstrap
 from properlm.io import read_json, write_json, write_text
 
 #: the tables combined over seeds (the efficiency table is per run, not a score)
@@ -70,22 +70,15 @@ def pooled_bootstrap(main_runs: list[str | Path], method: str, other: str, n: in
     a_all, b_all, name = [], [], None
     for run in main_runs:
         try:
-            ids_a, a, name = per_query(run, method)
-            ids_b, b, _ = per_query(run, other)
+            a, b, name = aligned(run, method, other)
         except ProperError:  # a method not evaluated in this run
             continue
-        at = {q: i for i, q in enumerate(ids_a)}
-        common = [q for q in ids_b if q in at]
-        bt = {q: i for i, q in enumerate(ids_b)}
-        a_all.append(a[[at[q] for q in common]])
-        b_all.append(b[[bt[q] for q in common]])
-    if not a_all or not sum(len(x) for x in a_all):
+        a_all.append(a)
+        b_all.append(b)
+    if not sum(len(x) for x in a_all):
         return None
     res = paired_bootstrap(np.concatenate(a_all), np.concatenate(b_all), n=n)
-    higher = next((h for m, h in PER_QUERY.values() if m == name), True)
-    lo, hi = res["ci95"]
-    return {**res, "method": method, "other": other, "metric": name, "runs": len(a_all),
-            "better": bool(lo > 0) if higher else bool(hi < 0)}
+    return {**judged(res, method, other, name), "runs": len(a_all)}
 
 
 def _cell(v) -> str:
@@ -125,8 +118,7 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
                "Paired bootstrap (10,000 resamples) of the per-query difference, PROPER minus the other method, "
                "over the held-out queries of every seed's main run together.", "",
                "| vs | metric | queries | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
-        md += [f"| {b['other']} | {b['metric']} | {b['n']} | {b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, "
-               f"{b['ci95'][1]:+.4f}] | {'yes' if b['better'] else 'no'} |" for b in boot]
+        md += [f"| {b['other']} | {b['metric']} | {b['n']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
     write_text(out / "report.md", "\n".join(md) + "\n")
     summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,

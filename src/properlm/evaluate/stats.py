@@ -55,22 +55,32 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10000, seed: int = 0
             "n": int(len(d))}
 
 
+def aligned(run_dir: str | Path, method: str, other: str, metric: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The two methods' per-query values on the queries both answered, in one order, and the metric name."""
+    ids_a, a, name = per_query(run_dir, method, metric)
+    ids_b, b, _ = per_query(run_dir, other, metric)
+    ib = {q: i for i, q in enumerate(ids_b)}
+    common = [(i, ib[q]) for i, q in enumerate(ids_a) if q in ib]
+    return a[[i for i, _ in common]], b[[j for _, j in common]], name
+
+
+def judged(res: dict, method: str, other: str, metric: str) -> dict:
+    """``res`` (a :func:`paired_bootstrap`) with the names and ``better``: the whole 95% interval on
+    ``method``'s better side of zero (for errors, lower is better)."""
+    higher = next((h for m, h in PER_QUERY.values() if m == metric), metric != "abs_error")
+    lo, hi = res["ci95"]
+    return {**res, "method": method, "other": other, "metric": metric,
+            "better": bool(lo > 0) if higher else bool(hi < 0)}
+
+
 def compare(run_dir: str | Path, method: str, other: str, metric: str | None = None, n: int = 10000) -> dict:
     """Paired bootstrap of ``method`` against ``other`` on a run's queries (``diff`` > 0: ``method`` has more).
 
     ``better`` says whether ``method`` is better beyond noise: the whole 95% interval
     on the better side of zero (for errors, lower is better).
     """
-    ids_a, a, name = per_query(run_dir, method, metric)
-    ids_b, b, _ = per_query(run_dir, other, metric)
-    common = [q for q in ids_a if q in set(ids_b)]
-    ia, ib = {q: i for i, q in enumerate(ids_a)}, {q: i for i, q in enumerate(ids_b)}
-    res = paired_bootstrap(a[[ia[q] for q in common]], b[[ib[q] for q in common]], n=n)
-    higher = next((h for k, (m, h) in PER_QUERY.items() if m == name), name != "abs_error")
-    lo, hi = res["ci95"]
-    res.update({"method": method, "other": other, "metric": name,
-                "better": bool(lo > 0) if higher else bool(hi < 0)})
-    return res
+    a, b, name = aligned(run_dir, method, other, metric)
+    return judged(paired_bootstrap(a, b, n=n), method, other, name)
 
 
 def seed_summary(runs: Sequence[str | Path], methods: Sequence[str], metric: str | None = None) -> dict:
