@@ -1,4 +1,5 @@
-"""Two training processes (gloo, CPU) against one: the same adapters for the same data order, and --resume works.
+"""Two training processes (gloo, CPU) against one: the same adapters for the same data order, and --resume works;
+the same with the base sharded over the two (FSDP2).
 
 Dropout is off: a rank draws the dropout masks of its own rows only, which is a
 different stream from one process drawing them for the whole batch.
@@ -7,6 +8,7 @@ different stream from one process drawing them for the whole batch.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +26,10 @@ ARGS = ["base_model=tiny-random", "progress=false", "data.synth_users=12", "data
         "population.max_steps=4", "group.max_steps=6", "user.max_steps=6", "population.dropout=0", "group.dropout=0",
         "user.dropout=0", "group.unseen_epochs=1", "checkpoint_every=2", "user.cohort_size=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# One row per step: in every step one of two ranks has nothing of its own to train.
+ONE_ROW = ["population.batch_size=1", "group.users_per_step=1", "user.users_per_step=1"]
 
 
 def train(out: Path, *extra: str, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
@@ -96,3 +102,43 @@ def test_two_processes_killed_mid_stage_resume_to_the_same_adapters(one, tmp_pat
     assert_close_runs(one, two)
     p = train(two, "--resume", processes=1, check=False)  # a finished run: nothing to do, whatever the count
     assert p.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def one_row(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "one-row"
+    train(out, *ONE_ROW)
+    return out
+
+
+def assert_sharded(stderr: str) -> None:
+    """Rank 0 reported sharding the decoder layers in each stage, and holds about half their weights."""
+    found = re.findall(r"properlm: fsdp: (\d+) decoder layers sharded over 2 processes; "
+                       r"this process holds ([\d,]+) of their ([\d,]+) frozen weights", stderr)
+    assert len(found) == 3, stderr[-3000:]  # stages 1, 2 and 3, once each (rank 0)
+    for layers, held, full in found:
+        held, full = int(held.replace(",", "")), int(full.replace(",", ""))
+        assert int(layers) == 2 and full > 0 and held <= full // 2 + 2 * int(layers) * 8
+
+
+def test_fsdp_shards_the_base_and_trains_the_same_adapters_as_one_process(one_row, tmp_path):
+    """``fsdp=true`` with 2 processes: each holds half of the decoder layers' frozen weights, and the
+    adapters equal one process's. With one row per step the idle rank must still join every gather
+    of the sharded layers (forward and backward, in order), or the run hangs."""
+    two = tmp_path / "fsdp"
+    p = train(two, *ONE_ROW, "fsdp=true", processes=2)
+    assert_sharded(p.stderr)
+    assert_close_runs(one_row, two)
+
+
+def test_accelerate_launch_with_the_fsdp_config_shards_the_base(one_row, tmp_path):
+    """The documented ``accelerate launch --config_file configs/accelerate/fsdp.yaml -m properlm train``
+    (here 2 CPU processes) shards the base like ``fsdp=true`` and trains the same adapters."""
+    two = tmp_path / "acc-fsdp"
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "-m", "properlm", "train", "--all", "--out", str(two), *ARGS, *ONE_ROW]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_sharded(p.stderr)
+    assert_close_runs(one_row, two)

@@ -221,6 +221,10 @@ class RunConfig:
         attention: "auto" (eager on the CPU, sdpa on a GPU), "sdpa" or "eager"; eager
             is faster on CPU for short sequences (the demo's), sdpa for long ones and on GPU.
         progress: show progress bars.
+        fsdp: with several processes, shard the frozen base's decoder layers over them
+            (PyTorch FSDP2), so that each holds 1/N of them between uses; the trained
+            parameters stay whole on every process. Also on when launched with an
+            accelerate FSDP config (``ACCELERATE_USE_FSDP``). See docs/training.md.
     """
 
     base_model: str = "smollm2"
@@ -232,6 +236,7 @@ class RunConfig:
     base_dtype: str = "auto"
     attention: str = "auto"
     progress: bool = True
+    fsdp: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
     group: GroupConfig = field(default_factory=GroupConfig)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from properlm.model.device import device_of, use_bf16
 
@@ -40,7 +41,8 @@ def frozen_bf16(model: nn.Module, enabled: bool) -> Iterator[int]:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         for m in decoder.layers.modules():
             w = getattr(m, "weight", None)
-            if isinstance(m, nn.Linear) and w is not None and not w.requires_grad and w.dtype == torch.float32:
+            if (isinstance(m, nn.Linear) and w is not None and not w.requires_grad and w.dtype == torch.float32
+                    and not isinstance(w, DTensor)):  # a sharded weight (FSDP) is gathered per use: left as it is
                 saved.append((m, w.data))
                 m.weight.data = w.data.to(torch.bfloat16)
         head = _frozen_head(model)

@@ -21,9 +21,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import sys
 
 import torch
 import torch.distributed as dist
+
+
+#: Names of the parameters properlm and PEFT add to a decoder layer (never sharded).
+ADDED = re.compile(r"(^|\.)(experts|router|lora_[A-Za-z_]+|user_[A-Za-z_]+)(\.|$)")
 
 
 @functools.cache
@@ -106,3 +112,68 @@ def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+
+
+def sharding(requested: bool) -> bool:
+    """Whether to shard the base: several processes and ``fsdp: true`` or an accelerate FSDP launch."""
+    env = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    return world() > 1 and (requested or env)
+
+
+def shard_layers(lm: torch.nn.Module) -> int:
+    """Shard each decoder layer's frozen weights over the ranks (FSDP2); returns the layers sharded.
+
+    Only the base's own weights are sharded: parameters that train
+    (``requires_grad``) and the small ones properlm or PEFT add (experts, routers,
+    LoRA factors; they are saved whole, trained or not) are not. Layers sharded
+    before are left as they are, so a second training loop on the same model
+    (stage 2's fit of unseen users) does not shard twice. The embeddings, final
+    norm and LM head (tied in SmolLM2) stay whole.
+    """
+    if world() == 1:
+        return 0
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    dev = device() or next(lm.parameters()).device
+    mesh = init_device_mesh(dev.type, (world(),))
+    # accelerate's FSDP config may ask to keep gathered layers until the backward pass (more memory, fewer gathers).
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "shard_grad_op",
+                                                                                  "no_shard")
+    n = 0
+    for layer in lm.get_decoder().layers:
+        if isinstance(layer, FSDPModule):
+            continue
+        keep = {p for name, p in layer.named_parameters() if p.requires_grad or ADDED.search(name)}
+        if all(p in keep for p in layer.parameters()):
+            continue
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=keep)
+        n += 1
+    if n and is_main():
+        from torch.distributed.tensor import DTensor
+
+        shards = [p for p in lm.get_decoder().layers.parameters() if isinstance(p, DTensor)]
+        held, full = sum(p.to_local().numel() for p in shards), sum(p.numel() for p in shards)
+        print(f"properlm: fsdp: {n} decoder layers sharded over {world()} processes; this process holds "
+              f"{held:,} of their {full:,} frozen weights", file=sys.stderr, flush=True)
+    return n
+
+
+def idle_loss(lm: torch.nn.Module, pad_id: int, device_: torch.device) -> torch.Tensor:
+    """A forward pass of one pad token, as a zero loss whose backward pass changes no gradient.
+
+    For a rank with no rows in a step while the base is sharded: the other ranks'
+    forward and backward passes gather each layer's shards, and every rank must
+    take part in each gather, in the same order. Call this where the rows' forward
+    pass would run and ``.backward()`` the result where theirs would. The input
+    embedding is made a leaf that requires grad, so the backward pass runs through
+    every layer whatever trains; the loss is multiplied by zero. The autocast the
+    caller set applies.
+    """
+    ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device_)
+    emb = lm.get_input_embeddings()(ids).detach().requires_grad_()
+    # Its dropout draws are put back: the rank's own rows see the same random stream as without sharding.
+    with torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []):
+        hidden = lm.get_decoder()(inputs_embeds=emb, attention_mask=torch.ones_like(ids),
+                                  use_cache=False).last_hidden_state
+    return hidden.float().sum() * 0.0

@@ -58,7 +58,8 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
                          per_user_batch=gc.per_user_batch, users_per_step=gc.users_per_step,
                          epochs=gc.epochs, max_steps=gc.max_steps, constraint_warmup=gc.constraint_warmup)
     run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
-                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume)
+                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
+                  shard=D.sharding(cfg.fsdp))
     for p in shared.values():
         p.requires_grad_(False)
     pm.set_fallback_embedding()
@@ -102,7 +103,7 @@ def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: li
     try:
         run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
                       cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
-                      on_step=on_step)
+                      on_step=on_step, shard=D.sharding(cfg.fsdp))
         if D.is_main():
             store_embeddings(pm, run_dir, users)
         D.barrier()

@@ -160,7 +160,7 @@ def _load_bank_tensors(pm: ProperModel, spec: MultiUserSpec, tensors: dict[str, 
 def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example], encode: Callable[[Example], Encoded],
                   pad_id: int, run_dir: Path, seed: int, checkpoint_every: int, max_grad_norm: float, bf16: bool,
                   progress: bool, resume: bool, cohorts: Cohorts | None = None,
-                  on_step: Callable[[int, int], bool] | None = None) -> None:
+                  on_step: Callable[[int, int], bool] | None = None, shard: bool = False) -> None:
     """Train ``spec``'s parameters on ``examples`` with many users per step (see module doc).
 
     Args:
@@ -174,6 +174,8 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
         cohorts: train the users in cohorts (None: all users at once, banks already set).
         on_step: called before every step with ``(step, steps)`` (progress); returning true
             cancels: :class:`Cancelled` is raised and the cohort in training is not written.
+        shard: several processes: shard the base's frozen layers over them (FSDP2,
+            :func:`properlm.train.distributed.shard_layers`).
     """
     by_user: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
@@ -191,6 +193,9 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
             last_of[ci] = len(plan) - 1
     # Several processes: the step is the same on every rank; each rank computes the rows of the users it owns.
     W, R = D.world(), D.rank()
+    sharded = shard and W > 1
+    if sharded:
+        D.shard_layers(pm.lm)
     own = {u: k % W for k, u in enumerate(sorted(by_user))}
     mine = lambda users: [u for u in users if own[u] == R]  # noqa: E731
     params = list(spec.shared.values())
@@ -287,7 +292,7 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
             per_user: dict[str, tuple] = {}
             cons = torch.zeros((), device=device)
             cw = spec.constraint_weight * constraint_ramp(step, len(plan), spec.constraint_warmup)
-            bound, ntokens = None, 0
+            bound, ntokens, idle = None, 0, None
             if rows:
                 b = collate([enc[i] for _, i in rows], pad_id, device)
                 ntokens = int(b["attention_mask"].sum())
@@ -306,6 +311,10 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
                 for r, u in enumerate(users):
                     s_, n_ = per_user.get(u, (0.0, 0))
                     per_user[u] = (s_ + nll[r], n_ + int(ntok[r]))
+            elif sharded:  # the other ranks' passes gather the layers: take part (zero gradients)
+                pm.bind(record=False)
+                with autocast(bf16, device):
+                    idle = D.idle_loss(pm.lm, pad_id, device)
             losses = [s_ / max(n_, 1) for s_, n_ in per_user.values()]
             total = torch.stack(losses).sum() if losses else torch.zeros((), device=device)
             if record and W == 1:
@@ -323,6 +332,8 @@ def run_multiuser(spec: MultiUserSpec, pm: ProperModel, examples: list[Example],
             loss = total + (cw * term * n_users if term is not None else 0.0)
             if rows:
                 loss.backward()
+            elif idle is not None:
+                idle.backward()
             if opt is not None:
                 if W > 1:
                     for p in params:

@@ -38,7 +38,8 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
     Args:
         cfg: the run config (``cfg.population`` holds this stage's settings).
         run_dir: the run directory.
-        lm: the base causal LM (left unchanged: the adapter is saved, not merged here).
+        lm: the base causal LM (left unchanged: the adapter is saved, not merged here; with
+            ``fsdp`` and several processes its layers are left sharded).
         tok: its tokenizer.
         examples: training users' pairs.
         resume: continue from this stage's last checkpoint.
@@ -60,6 +61,7 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ckpt_root, start = run_dir / "checkpoints" / STAGE, 0
     W, R = D.world(), D.rank()
+    sharded = D.sharding(cfg.fsdp) and D.shard_layers(model) > 0
     logger = RunLogger(run_dir, STAGE) if R == 0 else None
     if resume and (ck := load_checkpoint(ckpt_root)) is not None:
         start, tensors, extra = ck
@@ -79,17 +81,22 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
             # token mean over all ranks, so the summed gradients are the one-process gradients.
             batch = steps[step][R::W]
             opt.zero_grad(set_to_none=True)
-            local_tok, local_nll = 0, 0.0
+            local_tok, local_nll, idle = 0, 0.0, None
             if batch:
                 b = collate([enc[i] for i in batch], tok.pad_token_id, device)
                 with autocast(cfg.bf16, b["input_ids"].device):
                     nll, ntok = completion_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
                 local_tok = int(ntok.sum())
+            elif sharded:  # the other ranks' passes gather the layers: take part (zero gradients)
+                with autocast(cfg.bf16, device):
+                    idle = D.idle_loss(model, tok.pad_token_id, device)
             n_tok = max(D.sum_int(local_tok, device), 1)
             if batch:
                 loss = nll.sum() / n_tok
                 loss.backward()
                 local_nll = float(nll.sum().detach())
+            elif idle is not None:
+                idle.backward()
             if W > 1:
                 for p in params:
                     if p.grad is None:
@@ -116,5 +123,6 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
         with atomic_dir(out, checksums=True) as tmp:
             model.save_pretrained(str(tmp))  # PEFT's layout: adapter_model.safetensors + adapter_config.json
     D.barrier()
-    model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
+    if not sharded:  # a sharded model is not reused: the next stage loads the base again
+        model.unload().eval()  # leave `lm` as it came (the caller merges from the saved adapter)
     return out

@@ -75,7 +75,7 @@ def stage_examples(task: str, stage: str, train: list[User], targets: list[User]
 
 
 #: Settings that do not change what a run learns: they may differ when resuming.
-RESUMABLE_KEYS = ("progress", "checkpoint_every", "device")
+RESUMABLE_KEYS = ("progress", "checkpoint_every", "device", "fsdp")
 
 
 def config_differences(a: RunConfig, b: RunConfig) -> list[tuple[str, object, object]]:

@@ -128,7 +128,8 @@ def train_users(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id,
                   Path(work_dir or run_dir), cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16,
                   cfg.progress, resume, cohorts=Cohorts(make_cohorts(users, uc.cohort_size, cfg.seed), begin, end,
-                                                        from_store=from_store), on_step=on_step)
+                                                        from_store=from_store), on_step=on_step,
+                  shard=D.sharding(cfg.fsdp))
     for p in shared.values():
         p.requires_grad_(False)
     if train_router and D.is_main():
@@ -183,7 +184,8 @@ def train_end_to_end(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, exampl
                          epochs=gc.epochs, max_steps=gc.max_steps, constraint_warmup=gc.constraint_warmup,
                          emb_lr=gc.user_lr if gc.user_lr is not None else gc.lr)
     run_multiuser(spec, pm, examples, lambda e: encode(tok, e, cfg.data.max_len), tok.pad_token_id, run_dir,
-                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume)
+                  cfg.seed, cfg.checkpoint_every, cfg.max_grad_norm, cfg.bf16, cfg.progress, resume,
+                  shard=D.sharding(cfg.fsdp))
     for p in shared.values():
         p.requires_grad_(False)
     pm.set_fallback_embedding()
