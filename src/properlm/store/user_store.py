@@ -298,11 +298,14 @@ class UserStore:
             found = index.pop(user_id, None) is not None
             if found:
                 self._write_index(shard, index)
-            # Files of an interrupted write are not in the index: remove them by name too.
+            # Files of an interrupted write are not in the index: remove them by name too, and
+            # temporary copies of the index (written only under this lock: none is in progress).
             for f in os.scandir(shard):
-                if f.name.startswith(h) or f.name.startswith(f".{h}"):
+                stray_index = f.name.startswith(".index.json.") and f.name.endswith(".tmp")
+                mine = f.name.startswith(h) or f.name.startswith(f".{h}")
+                if mine or stray_index:
                     os.unlink(f.path)
-                    found = True
+                    found = found or mine
             fsync_dir(shard)
         return found
 
