@@ -52,12 +52,12 @@ class Keys:
         """A new key for ``user`` (None: an admin key); returns the key, which is not stored."""
         kid, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_hex(16)
         digest = hashlib.sha256(bytes.fromhex(salt) + secret.encode()).hexdigest()
-        write_json(self._key_path(kid, admin=user is None), {"id": kid, "admin": user is None, "user": user, "salt": salt,
-                                         "sha256": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        if user is not None:
+        if user is not None:  # the user's record lists the key before the key exists: forgetting finds it
             rec = self.user_record(user)
             rec["keys"] = [*rec.get("keys", []), kid]
             write_json(self._user_path(user), rec)
+        write_json(self._key_path(kid, admin=user is None), {"id": kid, "admin": user is None, "user": user, "salt": salt,
+                                         "sha256": digest, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return f"plm-{kid}.{secret}"
 
     def user_record(self, user: str) -> dict:
