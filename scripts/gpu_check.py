@@ -6,6 +6,8 @@
 2. One stage-3 training step on the embedded SmolLM2 with ``configs/demo.yaml``'s
    settings on CUDA (bf16 base weights, SDPA), and a mixed-user generation,
    timed, with the card's name and peak memory.
+3. With two or more GPUs: the two-process training tests (NCCL, one GPU each), with and
+   without the base sharded (FSDP), against one process: ``tests/test_train_distributed.py``.
 
 Prints one JSON object; exits non-zero when CUDA is missing or a check fails.
 """
@@ -37,6 +39,15 @@ def main() -> int:
     t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", str(ROOT / "tests" / "test_device.py")],
                        cwd=ROOT, capture_output=True, text=True)
     report["gpu_tests"] = {"rc": t.returncode, "tail": t.stdout.strip().splitlines()[-1:]}
+    dist_rc = 0
+    if torch.cuda.device_count() >= 2:
+        d = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_train_distributed.py"),
+                            "-k", "fsdp or train_the_same_adapters_as_one"], cwd=ROOT, capture_output=True, text=True)
+        dist_rc = d.returncode
+        report["distributed_tests"] = {"gpus": torch.cuda.device_count(), "rc": d.returncode,
+                                       "tail": d.stdout.strip().splitlines()[-1:]}
+    else:
+        report["distributed_tests"] = "skipped: one GPU"
 
     from properlm.config import load_config
     from properlm.model.generate import generate
@@ -76,7 +87,7 @@ def main() -> int:
         "base_dtype": str(next(p for n, p in lm.model.lm.named_parameters() if ".base." in n).dtype),
         "answers": answers[:3],
     })
-    report["ok"] = t.returncode == 0 and len(answers) == len(users)
+    report["ok"] = t.returncode == 0 and dist_rc == 0 and len(answers) == len(users)
     print(json.dumps(report, indent=1))
     return 0 if report["ok"] else 1
 
