@@ -395,3 +395,23 @@ def test_no_auth_only_on_loopback(run):
     with pytest.raises(ValueError, match="loopback"):
         ServeConfig(run=run, host="0.0.0.0", auth=False)
     assert ServeConfig(run=run, host="127.0.0.1", auth=False).auth is False
+
+
+def test_delete_of_a_user_the_run_holds_outside_the_banks(tmp_path, h):
+    """A text-router run keeps no stage-2 embedding: its stage-2 training users are in split.json
+    (and maybe eval files) only. DELETE still finds them and leaves no trace, instead of a 404."""
+    from properlm.train.run import train
+
+    cfg = h.small_cfg(data=dict(split="oppu", synth_users=8, n_targets=2), population=dict(max_steps=2),
+                      group=dict(max_steps=2, router="text"), user=dict(max_steps=2))
+    run = train(cfg, tmp_path / "run")
+    user = json.loads((run / "split.json").read_text())["train"][0]
+    srv = RemoteServer(run)
+    try:
+        r = srv.http("DELETE", f"/v1/users/{user}")
+        assert r.status_code == 200, r.text
+        assert srv.http("DELETE", f"/v1/users/{user}").status_code == 404
+    finally:
+        srv.stop()
+    holding = [str(p) for p in run.rglob("*") if p.is_file() and user.encode() in p.read_bytes()]
+    assert holding == []

@@ -33,6 +33,7 @@ import logging
 import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +49,7 @@ from properlm.serve.keys import Identity, Keys
 from properlm.serve.protocol import (ChatCompletionRequest, CompletionRequest, chunk, completion_response,
                                      error_body, new_id, properlm_field)
 from properlm.serve.settings import ServeConfig
+from properlm.store.run import read_split
 
 log = logging.getLogger("properlm.serve")
 #: The run's own model name: with it, the OpenAI ``user`` field chooses the user.
@@ -387,7 +389,8 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
         from properlm.forget import forget_users
 
         known = (any(user_id in b for b in (srv.lm.model.user_loras, srv.lm.model.user_embs) if b is not None)
-                 or srv.jobs.active_for(user_id) is not None or srv.keys.user_record(user_id).get("keys"))
+                 or srv.jobs.active_for(user_id) is not None or srv.keys.user_record(user_id).get("keys")
+                 or await asyncio.to_thread(in_split, cfg.run, user_id))  # e.g. a text-router run's stage-2 users
         if not known:
             raise ApiError(404, f"unknown user {user_id!r}", "not_found_error", param="user_id")
         # From here on no new request of theirs is admitted (resolve() and submit() run with no await
@@ -421,6 +424,15 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
         return {"user": user_id, "api_key": srv.keys.issue(user_id)}
 
     return app
+
+
+def in_split(run_dir: str | Path, user_id: str) -> bool:
+    """Whether the run's ``split.json`` names the user (trained in some stage, with or without a bank entry)."""
+    p = Path(run_dir) / "split.json"
+    if not p.exists():
+        return False
+    split = read_split(run_dir)
+    return user_id in split.get("train", []) or user_id in split.get("target", [])
 
 
 def _sse(obj: dict) -> str:
