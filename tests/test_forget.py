@@ -106,6 +106,29 @@ def test_a_failed_one_user_add_leaves_no_logs_behind(run, tmp_path):
     assert other.exists()
 
 
+def test_a_crashed_add_of_several_users_leaves_no_logs_behind(run, tmp_path):
+    """``users add`` of two users that dies mid-way keeps its logs (named from a hash of both ids):
+    deleting either user finds them through the add's list of users and removes them."""
+    from properlm.train.users import add_users
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run, run_dir)
+    a, b = json.loads((run_dir / "split.json").read_text())["target"][:2]
+
+    def die(step, steps):
+        if step == 1:
+            raise RuntimeError("killed")
+        return False
+
+    with pytest.raises(RuntimeError):
+        add_users(run_dir, [a, b], on_step=die)
+    left = [p for p in (run_dir / "logs" / "add-users").rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".jsonl") for p in left) and any(p.name.endswith(".users.json") for p in left)
+    removed = forget_users(run_dir, [a])
+    assert removed["add logs and checkpoints"] >= 2
+    assert not (run_dir / "logs" / "add-users").exists() or not any((run_dir / "logs" / "add-users").rglob("*.*"))
+
+
 def test_a_report_is_found_holding_an_id_in_escaped_form(tmp_path):
     from properlm.forget import _mentions
 

@@ -17,8 +17,9 @@ checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's row
                                          ``properlm report``)
 ``RUN/serve/``                           the server's records of the user (API keys, onboarding
                                          jobs, uploaded history) removed
-``RUN/{logs,checkpoints}/add-users/``    the logs and checkpoints of a one-user ``users add``
-                                         (an onboarding job) that failed or was killed
+``RUN/{logs,checkpoints}/add-users/``    the logs and checkpoints of a ``users add`` of the user
+                                         (an onboarding job, or several users at once) that
+                                         failed or was killed
 =======================================  ====================================================
 
 Each file is rewritten atomically, only when it holds the user. A delete first
@@ -75,12 +76,14 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
         shutil.rmtree(report)
         count("report directories", 1)
     from properlm.serve.jobs import forget_serve_state
-    from properlm.train.users import add_stage, clean_add
+    from properlm.train.users import add_stage, adds_holding, clean_add
 
     count("server records (keys, jobs, uploads)", sum(forget_serve_state(run_dir, u) for u in ids))
     # A one-user add that failed or was killed keeps its logs and checkpoints (to resume); they are
     # the loss on the user's own data, under a name derived from their id (onboarding adds one user).
     count("add logs and checkpoints", sum(clean_add(run_dir, add_stage([u])) for u in ids))
+    # An add of several users that crashed: found by the list of its users it keeps beside its logs.
+    count("add logs and checkpoints", sum(clean_add(run_dir, st) for st in adds_holding(run_dir, ids)))
     for p in intents.values():  # done: the intent, the last file that names the user, goes
         p.unlink(missing_ok=True)
     return removed

@@ -22,6 +22,7 @@ from typing import Callable
 from properlm.data import load_dataset
 from properlm.data.tasks import get_task
 from properlm.errors import ProperError
+from properlm.io import read_json, write_json
 from properlm.store.run import load_model, read_config, read_split, refuse_pending_forgets, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import fit_unseen
@@ -83,6 +84,9 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         raise ProperError("the users to add have no history items to train on")
     pm, tok = load_model(cfg, run_dir, "done")
     stage = add_stage(user_ids)
+    # Whose add this is: the logs and checkpoints are named from a hash of the ids, and deleting any
+    # one of these users while they are left (a crash) must find them (properlm.forget).
+    write_json(run_dir / "logs" / f"{stage}.users.json", {"users": user_ids})
     try:
         if cfg.group.unseen == "fit" and pm.user_embs is not None:
             # A user without a stage-2 embedding first gets one fitted on their history (their group),
@@ -110,7 +114,20 @@ def clean_add(run_dir: str | Path, stage: str) -> int:
     for d in (run_dir / "checkpoints" / stage, run_dir / "logs" / "tb" / stage, run_dir / "logs" / stage):
         n += d.exists()
         shutil.rmtree(d, ignore_errors=True)
-    f = run_dir / "logs" / f"{stage}.jsonl"
-    n += f.exists()
-    f.unlink(missing_ok=True)
+    for f in (run_dir / "logs" / f"{stage}.jsonl", run_dir / "logs" / f"{stage}.users.json"):
+        n += f.exists()
+        f.unlink(missing_ok=True)
     return n
+
+
+def adds_holding(run_dir: str | Path, user_ids: set[str]) -> list[str]:
+    """The stages of adds left behind (crashed) whose users include one of ``user_ids``."""
+    out = []
+    for f in sorted((Path(run_dir) / "logs" / ADD_STAGE).glob("*.users.json")):
+        try:
+            users = set(read_json(f).get("users", []))
+        except (OSError, ValueError, ProperError):
+            users = None  # unreadable: it may hold anyone
+        if users is None or users & user_ids:
+            out.append(f"{ADD_STAGE}/{f.name[:-len('.users.json')]}")
+    return out
