@@ -415,3 +415,20 @@ def test_delete_of_a_user_the_run_holds_outside_the_banks(tmp_path, h):
         srv.stop()
     holding = [str(p) for p in run.rglob("*") if p.is_file() and user.encode() in p.read_bytes()]
     assert holding == []
+
+
+def test_a_user_deleted_from_the_command_line_is_not_served_from_memory(server):
+    """``properlm users delete`` beside a running server: the server held the user's adapter in its
+    cache, and must not answer them from it afterwards."""
+    user = "cli-forget-3e9a"
+    r = server.http("POST", f"/v1/users/{user}/history", content=_history(user, 20))
+    job = r.json()["job"]
+    while server.http("GET", f"/v1/jobs/{job['id']}").json()["state"] in ("queued", "running"):
+        time.sleep(0.2)
+    raw = server.client().completions.with_raw_response.create(model=user, prompt="hi", max_tokens=2)
+    assert raw.headers["x-properlm-model"] == "user-lora"  # their adapter is in the server's cache now
+    p = subprocess.run([sys.executable, "-m", "properlm.cli", "users", "delete", "--run", server_run(server),
+                        "--users", user], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    with pytest.raises(openai.NotFoundError):
+        server.client().completions.create(model=user, prompt="hi", max_tokens=2)

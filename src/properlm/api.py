@@ -26,7 +26,7 @@ import torch
 
 from properlm.errors import ProperError, UnknownUser
 from properlm.model.generate import generate
-from properlm.store.run import load_model, read_config, stages_done
+from properlm.store.run import deleted_stamp, load_model, read_config, stages_done
 
 MODEL_USER, MODEL_GROUP, MODEL_BASE = "user-lora", "group", "base"
 
@@ -61,6 +61,20 @@ class PersonalizedLM:
         self.model, self.tok = load_model(self.cfg, self.run_dir, upto, device=device,
                                           cache_bytes=int(cache_mb * 2**20))
         self.model.eval()
+        self._deleted = deleted_stamp(self.run_dir)
+
+    def sync_deletes(self) -> list[str]:
+        """Drop from memory the users another process deleted (``properlm users delete`` beside a
+        server); who they were. One ``stat`` when nobody was deleted since the last call."""
+        stamp = deleted_stamp(self.run_dir)
+        if stamp == self._deleted:
+            return []
+        self._deleted = stamp
+        gone = []
+        for bank in (self.model.user_loras, self.model.user_embs):
+            if hasattr(bank, "drop_missing"):
+                gone += bank.drop_missing()
+        return gone
 
     @property
     def users(self) -> list[str]:

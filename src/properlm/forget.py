@@ -40,7 +40,7 @@ import signal
 from pathlib import Path
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json
-from properlm.store.run import banks, is_run, pending_forgets
+from properlm.store.run import banks, is_run, mark_deleted, pending_forgets
 from properlm.store.user_store import user_hash
 from properlm.train.loop import checkpoints_holding
 
@@ -64,6 +64,7 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     for name, bank in banks(run_dir).items():
         for u in sorted(ids):
             count(f"{name} entries", int(bank.delete(u)))
+    mark_deleted(run_dir)  # a server holding them in memory drops them at its next request
     count("split entries", _scrub_split(run_dir / "split.json", ids))
     for u in ids:
         for ck in checkpoints_holding(run_dir, u):

@@ -169,6 +169,7 @@ class Server:
                            param="model")
         if user is None:
             return None, MODEL_BASE, None
+        self.lm.sync_deletes()  # users deleted from the command line are not served from memory
         if user in self.deleting:
             raise ApiError(404, f"unknown user {user!r}: being deleted", "not_found_error", param="model")
         job = self.jobs.active_for(user)

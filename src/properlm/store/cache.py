@@ -95,6 +95,13 @@ class UserCache:
                 self._bytes -= _nbytes(t)
             return t is not None
 
+    def drop_missing(self) -> list[str]:
+        """Evict the cached users the store no longer holds (deleted by another process); who they were."""
+        gone = [u for u in self.cached if u not in self.store]
+        for u in gone:
+            self.evict(u)
+        return gone
+
     def clear(self) -> None:
         with self._lock:
             self._users.clear()

@@ -21,6 +21,8 @@ training the next stage; user banks are attached as on-demand caches
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 
 from properlm.config import load_config
 from properlm.errors import CorruptFile, ProperError
-from properlm.io import read_json, recover_dir, verify_dir
+from properlm.io import read_json, recover_dir, verify_dir, write_text
 from properlm.model.base import load_base
 from properlm.model.device import base_dtype, resolve_device
 from properlm.model.population import merge_population
@@ -60,6 +62,23 @@ def banks(run_dir: str | Path) -> dict[str, UserStore]:
     if not root.is_dir():
         return {}
     return {d.name: UserStore(d) for d in sorted(root.iterdir()) if UserStore.exists(d)}
+
+
+def mark_deleted(run_dir: str | Path) -> None:
+    """Record that users were deleted from the run's banks (``RUN/store/deleted``: a random stamp, no ids),
+    so that a process holding users in memory (a server) can tell it must check them again."""
+    root = Path(run_dir) / "store"
+    if root.is_dir():
+        write_text(root / "deleted", secrets.token_hex(8) + "\n")
+
+
+def deleted_stamp(run_dir: str | Path) -> tuple[int, int] | None:
+    """The identity of the last :func:`mark_deleted` (one ``stat``), or None when there was none."""
+    try:
+        st = os.stat(Path(run_dir) / "store" / "deleted")
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def pending_forgets(run_dir: str | Path) -> list[str]:
