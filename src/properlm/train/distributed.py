@@ -173,7 +173,8 @@ def idle_loss(lm: torch.nn.Module, pad_id: int, device_: torch.device) -> torch.
     ids = torch.full((1, 1), pad_id, dtype=torch.long, device=device_)
     emb = lm.get_input_embeddings()(ids).detach().requires_grad_()
     # Its dropout draws are put back: the rank's own rows see the same random stream as without sharding.
-    with torch.random.fork_rng(devices=[device_] if device_.type == "cuda" else []):
+    cuda = [device_.index if device_.index is not None else torch.cuda.current_device()] if device_.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         hidden = lm.get_decoder()(inputs_embeds=emb, attention_mask=torch.ones_like(ids),
                                   use_cache=False).last_hidden_state
     return hidden.float().sum() * 0.0
