@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import properlm.model.proper as proper_mod
 import properlm.train.multiuser as multiuser_mod
-from benchmarks.common import (BenchConfig, Dims, Timer, batch_stats, make_data, matmul_peak, median, proper_stage3,
-                               train_flops)
+from benchmarks.common import (BenchConfig, Dims, Timer, batch_stats, compute_dtype, make_data, matmul_peak, median,
+                               proper_stage3, train_flops)
 from benchmarks.train import batched_step, multiuser_spec
 
 
@@ -235,6 +235,12 @@ def bench_levers(cfg: BenchConfig, log=print) -> dict:
                         router=True)["total"]
     tokens = sum(st["lengths"])
     vs = variants(pm)
+    if compute_dtype() == torch.float32:
+        # No native bf16 here: a bf16 run computes in float32, so the bf16 levers measure nothing, and the
+        # bf16 residual stream would meet float32 weights without autocast (a dtype error).
+        skipped = [n for n in vs if "bf16" in n]
+        vs = {n: v for n, v in vs.items() if n not in skipped}
+        log(f"[levers] this CPU has no native bf16: skipping {', '.join(skipped)}")
     log(f"[levers] {len(vs)} variants x {cfg.lever_rounds} rounds, batch {len(encs)} rows x {max(st['lengths'])} tokens")
     for name, (ctx, bf16) in vs.items():  # warm-up: every variant's kernels once
         with ctx():
