@@ -61,7 +61,9 @@ def train_population(cfg: RunConfig, run_dir: Path, lm, tok, examples: list[Exam
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ckpt_root, start = run_dir / "checkpoints" / STAGE, 0
     W, R = D.world(), D.rank()
-    sharded = D.sharding(cfg.fsdp) and D.shard_layers(model) > 0
+    sharded = D.sharding(cfg.fsdp)
+    if sharded:
+        D.shard_layers(model)
     logger = RunLogger(run_dir, STAGE) if R == 0 else None
     if resume and (ck := load_checkpoint(ckpt_root)) is not None:
         start, tensors, extra = ck
