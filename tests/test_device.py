@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import properlm.model.device as device_mod
+from properlm.errors import ProperError
 from properlm.model.base import attention_for, load_base
 from properlm.model.device import autocast, base_dtype, device_of, resolve_device
 from properlm.model.generate import generate
@@ -28,7 +29,14 @@ def test_resolve_device_and_dtypes(monkeypatch):
     assert base_dtype("auto", bf16=True, device=cuda) == torch.bfloat16   # 7B in 14 GB, not 28
     assert base_dtype("auto", bf16=True, device=cpu) == torch.float32     # CPU: bf16 copies while training
     assert base_dtype("auto", bf16=False, device=cuda) == torch.float32
-    assert base_dtype("bfloat16", bf16=False, device=cpu) == torch.bfloat16
+    assert base_dtype("bfloat16", bf16=True, device=cpu) == torch.bfloat16   # a GPU run's weights, on the CPU
+    # A bf16 base needs autocast: properlm's float32 layers would meet bf16 activations without it.
+    with pytest.raises(ProperError, match="bf16=true"):
+        base_dtype("bfloat16", bf16=False, device=cpu)
+    monkeypatch.setattr(device_mod, "native_bf16", lambda kind: False)
+    with pytest.raises(ProperError, match="PROPERLM_CPU_BF16=1"):
+        base_dtype("bfloat16", bf16=True, device=cpu)
+    monkeypatch.setattr(device_mod, "native_bf16", lambda kind: True)
     assert attention_for("auto", cpu) == "eager" and attention_for("auto", cuda) == "sdpa"
     assert attention_for("sdpa", cpu) == "sdpa"
 

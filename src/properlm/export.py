@@ -43,6 +43,7 @@ def _merged_base(cfg, run_dir: Path):
 @torch.no_grad()
 def mean_routing(run_dir: Path, user: str, max_examples: int = 32) -> dict[str, torch.Tensor]:
     """The user's mean routing weights per site (K,), over the tokens of their history, in their own model."""
+    from properlm.model.device import autocast
     from properlm.store.run import load_model, read_config, read_split
     from properlm.train.examples import collate, encode, user_examples
     from properlm.train.run import load_data
@@ -63,7 +64,8 @@ def mean_routing(run_dir: Path, user: str, max_examples: int = 32) -> dict[str, 
         b = collate([encode(tok, e, cfg.data.max_len) for e in ex[s:s + 8]], tok.pad_token_id)
         rows = len(b["input_ids"])
         pm.bind(lora_users=[user] * rows, emb_users=[emb] * rows, token_mask=b["attention_mask"], record=True)
-        pm.hidden_states(b["input_ids"], b["attention_mask"])
+        with autocast(cfg.bf16, pm.device):  # as the user's model runs (a bf16 base needs it)
+            pm.hidden_states(b["input_ids"], b["attention_mask"])
         w = b["attention_mask"].sum(1).float()                                  # tokens per row
         for site, r in zip(pm.sites, pm.state.routes):                          # (B, K) per site, in order
             sums[site] = sums.get(site, 0) + (r * w.unsqueeze(1)).sum(0)

@@ -80,6 +80,7 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
     """
     import torch
 
+    from properlm.model.device import autocast
     from properlm.store.run import load_model
     from properlm.train.examples import collate, encode, user_examples
 
@@ -97,7 +98,7 @@ def user_routing_sites(run_dir: str | Path, max_examples: int = 8, batch_size: i
            for e in user_examples(task, u, history=True, queries=False)[:max_examples]]
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(cfg.bf16, pm.device):  # as evaluation runs it (a bf16 base needs it)
         for s in range(0, len(enc), batch_size):
             chunk = enc[s:s + batch_size]
             b = collate(chunk, tok.pad_token_id, pm.device)

@@ -26,6 +26,8 @@ import sys
 import torch
 import torch.nn as nn
 
+from properlm.errors import ProperError
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -85,6 +87,12 @@ def use_bf16(requested: bool, device: torch.device | str = "cpu") -> bool:
 def base_dtype(spec: str, bf16: bool, device: torch.device) -> torch.dtype:
     """The dtype the frozen base weights are loaded in.
 
+    ``"bfloat16"`` loads them in bf16 on any device, as a GPU run does; it needs
+    bf16 autocast there (``bf16`` on, and on a CPU without native bf16
+    ``PROPERLM_CPU_BF16=1``), since properlm's own layers keep float32 weights
+    and rely on autocast to meet the base's bf16 activations. Without it this
+    raises :class:`~properlm.errors.ProperError`.
+
     ``"auto"``: bfloat16 on a GPU when ``bf16`` is on (a 7B base then needs
     14 GB, not 28), float32 otherwise. On the CPU the weights stay float32 and
     the training loops hold bf16 copies of the frozen linears instead
@@ -94,6 +102,11 @@ def base_dtype(spec: str, bf16: bool, device: torch.device) -> torch.dtype:
     if spec == "float32":
         return torch.float32
     if spec == "bfloat16":
+        if not use_bf16(bf16, device):  # float32 adapters and routers would meet bf16 activations
+            raise ProperError(
+                f"base_dtype=bfloat16 needs bf16 autocast on the {device.type.upper()}: set bf16=true"
+                + (" and, on a CPU without native bf16, PROPERLM_CPU_BF16=1" if device.type == "cpu" else
+                   " (this GPU has no native bf16: use base_dtype=float32)" if bf16 else ""))
         return torch.bfloat16
     if spec != "auto":
         raise ValueError(f"unknown base dtype {spec!r}: use auto, float32 or bfloat16")
