@@ -12,24 +12,79 @@ from properlm.train.examples import Example, collate, encode
 from properlm.model.proper import completion_nll
 
 
-def test_label_loglik_is_minus_the_answer_nll_per_user(group_model, tok, h):
+LABELS = ["love", "science fiction", "dark comedy musical", "x"]  # 1 to 3 tokens before the end of answer
+
+
+def _one_sequence_loglik(model, tok, prompt, label, lora_user, emb_user, bf16):
+    """The straightforward way: ``prompt + label`` as one sequence, alone, tokenized as training does."""
+    from properlm.model.device import autocast
+    from properlm.model.proper import ProperModel
+
+    b = collate([encode(tok, Example("x", prompt, label), max_len=2048)], tok.pad_token_id)
+    lm = model.lm if isinstance(model, ProperModel) else model
+    with torch.no_grad(), autocast(bf16):
+        if isinstance(model, ProperModel):
+            model.bind(lora_users=[lora_user], emb_users=[emb_user])
+        nll, _ = completion_nll(lm, b["input_ids"], b["attention_mask"], b["labels"])
+    if isinstance(model, ProperModel):
+        model.state.clear()
+    return -nll[0]
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_label_loglik_equals_each_label_scored_as_one_sequence(group_model, tok, h, bf16):
+    """One prefill per prompt and the labels from its cache give the numbers of scoring every prompt + label
+    alone, for rows of different users (LoRA and stage-2 embedding) and labels of different token lengths,
+    whichever way the prompts and (prompt, label) rows are cut into passes."""
+    from properlm.model.scoring import label_token_ids
+
     pm = group_model()
-    h.add_random_users(pm, ["ta", "tb"])
-    prompts = [h.prompt(0), h.prompt(3) + " and a few more words"]
-    labels = ["love", "hate", "dislike"]
-    ll = label_loglik(pm, tok, prompts, labels, lora_users=["ta", "tb"], emb_users=[None, "ua"])
-    assert ll.shape == (2, 3)
-    for i, (p, lu, eu) in enumerate(zip(prompts, ["ta", "tb"], [None, "ua"])):
-        for j, lab in enumerate(labels):
-            b = collate([encode(tok, Example("x", p, lab), max_len=512)], tok.pad_token_id)
-            with torch.no_grad():
-                pm.bind(lora_users=[lu], emb_users=[eu])
-                nll, _ = completion_nll(pm.lm, b["input_ids"], b["attention_mask"], b["labels"])
-            pm.state.clear()
-            torch.testing.assert_close(ll[i, j], -nll[0], atol=1e-4, rtol=1e-5)
-    # The user matters: the same prompt scored with another user's model differs.
-    other = label_loglik(pm, tok, prompts, labels, lora_users=["tb", "ta"], emb_users=[None, "ua"])
-    assert (other - ll).abs().max() > 1e-4
+    h.add_random_users(pm, ["ta", "tb", "tc"])
+    assert len({len(a) for a in label_token_ids(tok, LABELS)}) == 3
+    prompts = [h.prompt(i) + " and more" * i for i in range(5)]
+    lora_users, emb_users = ["ta", "tb", None, "tc", "ta"], [None, "ua", "ub", None, "ub"]
+    want = torch.stack([torch.stack([_one_sequence_loglik(pm, tok, p, lab, lu, eu, bf16) for lab in LABELS])
+                        for p, lu, eu in zip(prompts, lora_users, emb_users)])
+    tol = dict(atol=5e-3, rtol=0) if bf16 else dict(atol=1e-4, rtol=1e-5)
+    for batch_size in (64, 6, 1):  # all together; prompts split and one prompt per continuation pass; one row
+        got = label_loglik(pm, tok, prompts, LABELS, lora_users=lora_users, emb_users=emb_users,
+                           batch_size=batch_size, bf16=bf16)
+        assert got.shape == (5, 4)
+        torch.testing.assert_close(got, want, **tol)
+    # The user matters: the same prompts scored with other users' models differ by 10x the tolerance.
+    other = label_loglik(pm, tok, prompts, LABELS, lora_users=lora_users[::-1], emb_users=emb_users, bf16=bf16)
+    assert (other - want).abs().max() > 10 * tol["atol"]
+
+
+def test_label_loglik_of_a_plain_lm_equals_one_sequence_scoring(fresh_lm, tok, h):
+    lm = fresh_lm()
+    prompts = [h.prompt(1), h.prompt(2) + " twice over"]
+    want = torch.stack([torch.stack([_one_sequence_loglik(lm, tok, p, lab, None, None, False) for lab in LABELS])
+                        for p in prompts])
+    torch.testing.assert_close(label_loglik(lm, tok, prompts, LABELS, batch_size=3), want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_prompt_runs_once_and_each_label_only_over_its_own_tokens(group_model, tok, h, monkeypatch):
+    """The work is one prompt per query plus the labels' tokens: the decoder sees each prompt's tokens once
+    (not once per label), and the continuation passes hold only the labels' tokens."""
+    from properlm.model.prompts import encode_prompt
+    from properlm.model.scoring import label_token_ids
+
+    pm = group_model()
+    prompts = [h.prompt(i) for i in range(3)]
+    decoder = pm.lm.get_decoder()
+    seen = []
+    real = type(decoder).forward
+
+    def counting(self, input_ids=None, attention_mask=None, **kw):
+        seen.append(int(attention_mask[:, -input_ids.shape[1]:].sum()))
+        return real(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(type(decoder), "forward", counting)
+    label_loglik(pm, tok, prompts, LABELS, batch_size=64)
+    prompt_tokens = sum(len(encode_prompt(tok, p, 512)) for p in prompts)
+    label_tokens = sum(len(a) - 1 for a in label_token_ids(tok, LABELS)) * len(prompts)
+    assert seen == [prompt_tokens, label_tokens]
 
 
 def test_expected_value_under_the_label_likelihoods():
