@@ -108,6 +108,36 @@ def register_data(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data_convert)
 
 
+# --- store ------------------------------------------------------------------------------
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    """``properlm store verify --run DIR [--repair]``: one line per problem, a summary; 1 when a problem is left."""
+    from properlm.store.verify import verify_run
+
+    age = {} if args.min_age is None else {"min_age": args.min_age}
+    result = verify_run(args.run, repair=args.repair, on_problem=lambda p: print(p.line(), flush=True), **age)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def register_store(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``properlm store verify``."""
+    store = subparsers.add_parser("store", help="check a run directory's files")
+    store.set_defaults(func=lambda _args: _print_help(store))
+    sub = store.add_subparsers(metavar="SUBCOMMAND")
+    p = sub.add_parser("verify", help="check stage files, checkpoints and user banks against their checksums and "
+                                      "indexes; find orphan, stray and temporary files (exit 1 on any problem)")
+    p.add_argument("--run", required=True, help="a run directory")
+    p.add_argument("--repair", action="store_true",
+                   help="remove what is provably garbage (temporary files of killed writes, user files no index "
+                        "names); never a stage file or a user's indexed data")
+    p.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
+                   help="--repair removes a temporary or orphan file only when nothing modified it for this long "
+                        "(else a write may still be in progress; default 600)")
+    p.set_defaults(func=cmd_store_verify)
+
+
 # --- the table ---------------------------------------------------------------------------
 
 #: Top-level commands: name -> register function, or "module:function" to import.
@@ -121,6 +151,7 @@ COMMANDS: dict[str, Register | str] = {
     "experiments": "properlm.experiments:register",
     "serve": "properlm.serve.commands:register",
     "export": "properlm.export:register",
+    "store": register_store,
 }
 
 
