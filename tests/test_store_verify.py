@@ -306,3 +306,25 @@ def test_help_names_the_default_min_age(capsys):
     with pytest.raises(SystemExit):
         main(["store", "verify", "--help"])
     assert f"default {DEFAULT_MIN_AGE:.0f}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_files_of_a_write_killed_before_its_index_are_orphans_that_repair_removes(run, capsys, monkeypatch):
+    store = open_bank(run, "lora")
+    before = {u: store.entry(u) for u in USERS[:2]}
+
+    def killed(self, shard, index):
+        raise KeyboardInterrupt  # the new files are in place, the index never points at them
+
+    monkeypatch.setattr(UserStore, "_write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.put_many({u: state(7.0) for u in USERS[:2]})  # killed in the first user's leaf
+    monkeypatch.undo()
+    new = sorted(p for u in USERS[:2] for p in store.shard(u).iterdir()
+                 if p.name.endswith(".safetensors") and p.name not in {x["file"] for x in before[u]["parts"].values()})
+    assert len(new) == 2  # that user's params and moments
+    status, lines = cli(capsys, "--run", str(run), "--repair")  # just written: left alone
+    assert status == 1 and sorted(Path(l.split(": ")[0]) for l in lines[:-1]) == new
+    assert all(": orphan: " in l and "a write may be in progress" in l for l in lines[:-1])
+    status, lines = cli(capsys, "--run", str(run), "--repair", "--min-age", "0")
+    assert status == 0 and sorted(Path(l[len("removed "):].split(": ")[0]) for l in lines[:-1]) == new
+    assert {u: store.entry(u) for u in USERS[:2]} == before and cli(capsys, "--run", str(run))[0] == 0
