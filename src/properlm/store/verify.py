@@ -32,8 +32,9 @@ carries the sha256 of the id, not the id.
   again under the leaf's lock before each removal.
 
 It never removes a stage file, a checkpoint file, a file an index names, a
-stray, or anything in a leaf whose ``index.json`` is missing or unreadable, or
-in a bank whose ``bank.json`` is (those may be a user's data whose index was lost).
+stray, the only copy of a directory whose swap was killed, a user file in a leaf
+whose ``index.json`` is missing (it may be a user's data whose index was lost),
+or anything in a leaf whose ``index.json`` or bank whose ``bank.json`` does not parse.
 """
 
 from __future__ import annotations
