@@ -1,13 +1,19 @@
-"""Whether a difference between two methods is beyond noise: paired bootstrap on per-query scores, seed summaries.
+"""Whether a difference between two methods is beyond noise: paired bootstrap over users, seed summaries.
 
     from properlm.evaluate.stats import compare, seed_summary
-    compare("runs/demo", "proper", "oppu-mlp")      # {"metric", "diff", "ci95", "p_le_0", ...}
+    compare("runs/demo", "proper", "oppu-mlp")      # {"metric", "diff", "ci95", "p_le_0", "n_users", ...}
     seed_summary(["runs/s0", "runs/s1", "runs/s2"], ["stage1", "proper"])
 
-The paired bootstrap resamples the evaluated queries with replacement (the
-same resample for both methods, since both answered the same queries) and
-reports the difference of the per-query means: accuracy for classification,
-absolute error (MAE) for ratings, ROUGE-1 / ROUGE-L for generation.
+All queries of one user are answered with that user's adapter (and judged
+against that user's habits), so they are not independent draws: the unit of
+resampling is the user. :func:`compare` runs a paired cluster bootstrap
+(:func:`cluster_bootstrap`): it draws users with replacement, keeps all their
+queries, and takes the difference of the per-query means over the drawn
+queries (the same draw for both methods, since both answered the same
+queries): accuracy for classification, absolute error (MAE) for ratings,
+ROUGE-1 / ROUGE-L for generation. :func:`paired_bootstrap` is the query-level
+bootstrap (every query its own unit), which is too narrow when a user's
+queries go together.
 """
 
 from __future__ import annotations
@@ -43,6 +49,30 @@ def per_query(run_dir: str | Path, method: str, metric: str | None = None) -> tu
     return ids, np.asarray(vals, dtype=float), name
 
 
+def query_users(run_dir: str | Path) -> dict[str, str]:
+    """Query id -> user id of a run's evaluated queries.
+
+    ``RUN/eval/golds.json`` names each query's ``user_id``; a run evaluated before
+    it did has its owners read back from the run's split and data instead.
+    """
+    run_dir = Path(run_dir)
+    golds = read_json(run_dir / "eval" / "golds.json")["golds"]
+    owners = {g["id"]: g["user_id"] for g in golds if g.get("user_id") is not None}
+    if len(owners) == len(golds):
+        return owners
+    from properlm.evaluate.evaluate import load_targets, query_owners
+
+    try:
+        owners = {**query_owners(load_targets(run_dir)[2]), **owners}
+    except ProperError as e:
+        raise ProperError(f"{run_dir}: eval/golds.json does not name each query's user, and the run's split "
+                          f"cannot say it ({e}); evaluate the run again") from None
+    missing = [g["id"] for g in golds if g["id"] not in owners]
+    if missing:
+        raise ProperError(f"{run_dir}: query {missing[0]} of eval/golds.json belongs to no target user")
+    return owners
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10000, seed: int = 0) -> dict:
     """Mean of ``a - b`` over paired items, its 95% bootstrap interval and the share of resamples with diff <= 0."""
     if len(a) != len(b) or len(a) == 0:
@@ -55,13 +85,55 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 10000, seed: int = 0
             "n": int(len(d))}
 
 
-def aligned(run_dir: str | Path, method: str, other: str, metric: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """The two methods' per-query values on the queries both answered, in one order, and the metric name."""
+def cluster_bootstrap(a: np.ndarray, b: np.ndarray, clusters: Sequence, n: int = 10000, seed: int = 0) -> dict:
+    """Mean of ``a - b`` over paired items, with a 95% interval from resampling whole clusters (users).
+
+    Each resample draws as many clusters as there are, with replacement, keeps
+    every item of each drawn cluster, and takes the mean of ``a - b`` over those
+    items. ``clusters[i]`` is item i's cluster: any hashable (a user id, or a
+    ``(seed, user)`` pair when runs are pooled). With one item per cluster this is
+    :func:`paired_bootstrap` (the same draws for the same seed).
+
+    Returns:
+        ``{"diff", "ci95", "p_le_0", "n", "n_queries", "n_users"}``: ``n`` and
+        ``n_queries`` count the items, ``n_users`` the clusters.
+    """
+    if len(a) != len(b) or len(a) != len(clusters) or len(a) == 0:
+        raise ValueError("cluster bootstrap needs non-empty arrays and clusters of the same length")
+    d = np.asarray(a, float) - np.asarray(b, float)
+    index: dict = {}
+    codes = np.array([index.setdefault(c, len(index)) for c in clusters])
+    sums = np.bincount(codes, weights=d, minlength=len(index))
+    counts = np.bincount(codes, minlength=len(index)).astype(float)
+    idx = np.random.default_rng(seed).integers(0, len(index), size=(n, len(index)))
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"diff": float(d.mean()), "ci95": [float(lo), float(hi)], "p_le_0": float((means <= 0).mean()),
+            "n": int(len(d)), "n_queries": int(len(d)), "n_users": len(index)}
+
+
+def _common(run_dir: str | Path, method: str, other: str, metric: str | None
+            ) -> tuple[list[str], np.ndarray, np.ndarray, str]:
+    """(query ids both methods answered, ``method``'s values, ``other``'s values, metric name), in one order."""
     ids_a, a, name = per_query(run_dir, method, metric)
     ids_b, b, _ = per_query(run_dir, other, metric)
     ib = {q: i for i, q in enumerate(ids_b)}
     common = [(i, ib[q]) for i, q in enumerate(ids_a) if q in ib]
-    return a[[i for i, _ in common]], b[[j for _, j in common]], name
+    return [ids_a[i] for i, _ in common], a[[i for i, _ in common]], b[[j for _, j in common]], name
+
+
+def aligned(run_dir: str | Path, method: str, other: str, metric: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The two methods' per-query values on the queries both answered, in one order, and the metric name."""
+    _, a, b, name = _common(run_dir, method, other, metric)
+    return a, b, name
+
+
+def aligned_users(run_dir: str | Path, method: str, other: str, metric: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """:func:`aligned` plus each query's user (see :func:`query_users`)."""
+    ids, a, b, name = _common(run_dir, method, other, metric)
+    owners = query_users(run_dir)
+    return a, b, [owners[q] for q in ids], name
 
 
 def judged(res: dict, method: str, other: str, metric: str) -> dict:
@@ -74,13 +146,15 @@ def judged(res: dict, method: str, other: str, metric: str) -> dict:
 
 
 def compare(run_dir: str | Path, method: str, other: str, metric: str | None = None, n: int = 10000) -> dict:
-    """Paired bootstrap of ``method`` against ``other`` on a run's queries (``diff`` > 0: ``method`` has more).
+    """Paired bootstrap over users of ``method`` against ``other`` on a run's queries (``diff`` > 0:
+    ``method`` has more); see :func:`cluster_bootstrap`.
 
     ``better`` says whether ``method`` is better beyond noise: the whole 95% interval
-    on the better side of zero (for errors, lower is better).
+    on the better side of zero (for errors, lower is better). ``n_users`` and
+    ``n_queries`` say how many users and queries the interval rests on.
     """
-    a, b, name = aligned(run_dir, method, other, metric)
-    return judged(paired_bootstrap(a, b, n=n), method, other, name)
+    a, b, users, name = aligned_users(run_dir, method, other, metric)
+    return judged(cluster_bootstrap(a, b, users, n=n), method, other, name)
 
 
 def seed_summary(runs: Sequence[str | Path], methods: Sequence[str], metric: str | None = None) -> dict:
