@@ -211,25 +211,32 @@ def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monke
 
 def test_label_decoding_scores_every_label_and_files_it_apart(run, tmp_path, monkeypatch):
     """--decode labels: each query's answer is the label with the highest likelihood, per user's model."""
+    import torch
+
     import properlm.model.scoring as scoring
     from properlm.data.tasks import get_task
+    from properlm.model.scoring import label_token_ids
 
     copy = _copy(run.main, tmp_path / "run")
     res = evaluate_run(copy, methods=["stage1", "proper"], decode="labels", batch_size=8, progress=False)
     labels = set(get_task("synth-cls").labels)
-    assert set(res["methods"]) == {"stage1@labels", "proper@labels"}
+    assert set(res["methods"]) == {f"{m}@{d}" for m in ("stage1", "proper") for d in ("labels", "labels-norm")}
     for m in res["methods"]:
         preds = json.loads((copy / "eval" / m / "predictions.json").read_text())["golds"]
         assert preds and all(p["output"] in labels for p in preds)
-        assert json.loads((copy / "eval" / m / "scores.json").read_text())["settings"]["decode"] == "labels"
+        assert json.loads((copy / "eval" / m / "scores.json").read_text())["settings"]["decode"] == m.split("@")[1]
     # The prediction is the argmax of the scored likelihoods, computed with each row's own user.
     seen = []
     real = scoring.label_loglik
 
     def spy(model, tok, prompts, labels_, lora_users=None, **kw):
+        nonlocal run_tok
+        run_tok = tok
         out = real(model, tok, prompts, labels_, lora_users=lora_users, **kw)
         seen.append((list(lora_users), out))
         return out
+
+    run_tok = None
 
     monkeypatch.setattr(scoring, "label_loglik", spy)
     res = evaluate_run(copy, methods=["proper"], decode="labels", batch_size=8, progress=False)
@@ -238,6 +245,10 @@ def test_label_decoding_scores_every_label_and_files_it_apart(run, tmp_path, mon
     assert users == [u.id for u in targets for _ in u.queries]
     preds = json.loads((copy / "eval" / "proper@labels" / "predictions.json").read_text())["golds"]
     assert [p["output"] for p in preds] == [task.labels[i] for i in ll.argmax(-1).tolist()]
+    # @labels-norm: the best mean log-likelihood per scored token (the label's tokens and the end of answer).
+    n_tok = torch.tensor([len(t) for t in label_token_ids(run_tok, list(task.labels))], dtype=torch.float32)
+    preds = json.loads((copy / "eval" / "proper@labels-norm" / "predictions.json").read_text())["golds"]
+    assert [p["output"] for p in preds] == [task.labels[i] for i in (ll / n_tok).argmax(-1).tolist()]
     rep = report([copy], tmp_path / "rep", figures=False)
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "`@labels`: the label with the highest likelihood" in md and rep["tables"]["table1"]

@@ -110,7 +110,7 @@ def test_rating_runs_report_the_best_label_and_the_expected_rating(tmp_path, h):
     cfg = h.small_cfg(data=dict(path=str(tmp_path / "lamp3"), split="oppu", n_targets=3))
     train(cfg, tmp_path / "run")
     res = evaluate_run(tmp_path / "run", methods=["proper"], decode="labels", progress=False)
-    assert set(res["methods"]) == {"proper@labels", "proper@expected"}
+    assert set(res["methods"]) == {"proper@labels", "proper@labels-norm", "proper@expected"}
     labels = json.loads((tmp_path / "run" / "eval" / "proper@labels" / "predictions.json").read_text())["golds"]
     expect = json.loads((tmp_path / "run" / "eval" / "proper@expected" / "predictions.json").read_text())["golds"]
     assert all(p["output"] in {"1", "2", "3", "4", "5"} for p in labels)

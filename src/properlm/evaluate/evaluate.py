@@ -64,9 +64,10 @@ _STAGE_NEEDED = {"stage1": "population", "rag": "population", "pag": "population
 
 #: Ways of decoding: LaMP's free generation, or the best label by likelihood (classification, rating).
 DECODES = ("free", "labels")
-#: Suffixes of methods decoded another way: ``proper@labels``; for ratings also ``proper@expected``
-#: (the expected rating under the labels' likelihoods).
-LABEL_SUFFIX, EXPECTED_SUFFIX = "@labels", "@expected"
+#: Suffixes of methods decoded another way: ``proper@labels`` (the label of highest summed log-likelihood),
+#: ``proper@labels-norm`` (highest mean log-likelihood per token: length-normalised); for ratings also
+#: ``proper@expected`` (the expected rating under the labels' likelihoods).
+LABEL_SUFFIX, NORM_SUFFIX, EXPECTED_SUFFIX = "@labels", "@labels-norm", "@expected"
 
 
 def canonical_method(name: str) -> str:
@@ -78,8 +79,8 @@ def canonical_method(name: str) -> str:
 
 
 def decoding_of(method: str) -> str:
-    """How a filed method was decoded: ``free``, ``labels`` or ``expected``."""
-    for suffix, how in ((LABEL_SUFFIX, "labels"), (EXPECTED_SUFFIX, "expected")):
+    """How a filed method was decoded: ``free``, ``labels``, ``labels-norm`` or ``expected``."""
+    for suffix, how in ((LABEL_SUFFIX, "labels"), (NORM_SUFFIX, "labels-norm"), (EXPECTED_SUFFIX, "expected")):
         if method.endswith(suffix):
             return how
     return "free"
@@ -278,8 +279,9 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
         decode: ``"free"`` (LaMP's free generation, the default, comparable with the paper)
             or ``"labels"`` (classification and rating tasks: every label is scored by its
             likelihood as the answer and the best one is the prediction; filed as
-            ``<method>@labels``, and for ratings also ``<method>@expected``, the expected
-            rating under those likelihoods).
+            ``<method>@labels`` (summed log-likelihood) and ``<method>@labels-norm`` (mean
+            log-likelihood per token, which does not favour short labels), and for ratings
+            also ``<method>@expected``, the expected rating under the summed likelihoods).
 
     Returns:
         ``{"run_dir", "task", "lamp_id", "config", "methods": {method: {"metrics",
@@ -338,15 +340,17 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
 
 def _label_decode(model, tok, rows, task: Task, settings: dict, batch_size: int, method: str
                   ) -> dict[str, dict[str, str]]:
-    """``{method@labels: preds}`` (and ``method@expected`` for ratings) from the labels' likelihoods."""
-    from properlm.model.scoring import expected_value, label_loglik
+    """``{method@labels: preds, method@labels-norm: preds}`` (and ``method@expected`` for ratings) from the
+    labels' likelihoods: the best label by summed log-likelihood, and by mean log-likelihood per token."""
+    from properlm.model.scoring import expected_value, label_lengths, label_loglik, per_token
 
     labels = list(task.labels)
     ll = label_loglik(model, tok, [r[1] for r in rows], labels, lora_users=[r[2] for r in rows],
                       emb_users=[r[3] for r in rows], max_prompt_tokens=settings["max_prompt_tokens"],
                       batch_size=max(batch_size, len(labels)), bf16=settings["bf16"])
-    best = ll.argmax(-1).tolist()
-    out = {method + LABEL_SUFFIX: {r[0]: labels[b] for r, b in zip(rows, best)}}
+    out = {}
+    for suffix, scores in ((LABEL_SUFFIX, ll), (NORM_SUFFIX, per_token(ll, label_lengths(tok, labels)))):
+        out[method + suffix] = {r[0]: labels[b] for r, b in zip(rows, scores.argmax(-1).tolist())}
     if task.kind == "rating":
         ev = expected_value(ll, [float(x) for x in labels]).tolist()
         out[method + EXPECTED_SUFFIX] = {r[0]: f"{v:.4f}" for r, v in zip(rows, ev)}

@@ -5,7 +5,10 @@ the text, each label (``"love"``, ``"4"``, ...) is scored as the answer to the
 prompt: the summed log-probability of its tokens and of the end-of-answer
 token, exactly as training computes the loss on an answer. The best label is
 the prediction; for ratings the probabilities over the labels also give an
-expected value.
+expected value. A sum of log-probabilities favours labels of fewer tokens (each
+token adds a negative term), which matters where labels differ in length
+(LaMP-2M's tags: "action" against "based on a book"), so :func:`per_token` also
+gives the length-normalised score, the mean log-probability per scored token.
 
 Each prompt runs through the model once: its last position predicts every
 label's first token, and the labels' remaining tokens run as continuations
@@ -39,6 +42,16 @@ def label_token_ids(tok, labels: list[str]) -> list[list[int]]:
     if empty:
         raise ValueError(f"label {empty[0]!r} has no token to score")
     return out
+
+
+def label_lengths(tok, labels: list[str]) -> torch.Tensor:
+    """How many tokens (L,) each label's log-likelihood sums over: its own and the end-of-answer token."""
+    return torch.tensor([len(a) for a in label_token_ids(tok, labels)], dtype=torch.float32)
+
+
+def per_token(loglik: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Length-normalised scores (n, L): each label's summed log-likelihood (n, L) over its token count (L,)."""
+    return loglik / lengths.to(loglik.dtype)
 
 
 def _pad_right(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
