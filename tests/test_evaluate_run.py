@@ -60,19 +60,36 @@ def test_every_method_writes_lamp_predictions_and_per_user_scores(run):
     assert list(run.result["methods"]) == list(METHODS)
     golds = json.loads((run.main / "eval" / "golds.json").read_text())
     assert golds["task"] == "synth-cls" and [g["id"] for g in golds["golds"]] == qids
+    gold = {q.id: q.gold for u in targets for q in u.queries}
     for m in METHODS:
         d = run.main / "eval" / m
         pred = json.loads((d / "predictions.json").read_text())
         assert pred["task"] == "synth-cls" and [p["id"] for p in pred["golds"]] == qids
-        assert all(isinstance(p["output"], str) for p in pred["golds"])
+        out = {p["id"]: p["output"] for p in pred["golds"]}
         scores = json.loads((d / "scores.json").read_text())
         assert set(scores["metrics"]) == {"accuracy", "f1"} and scores["n_queries"] == len(qids)
+        # The scores are those of the filed predictions: accuracy by hand, overall and per user.
+        right = {q: out[q].strip() == g for q, g in gold.items()}
+        assert scores["metrics"]["accuracy"] == pytest.approx(sum(right.values()) / len(right))
         with open(d / "per_user.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["user_id", "history_len", "n_queries", "accuracy", "f1"]
         assert [(r["user_id"], int(r["history_len"])) for r in rows] == [(u.id, len(u.history)) for u in targets]
+        assert [float(r["accuracy"]) for r in rows] == pytest.approx(
+            [sum(right[q.id] for q in u.queries) / len(u.queries) for u in targets])
     summary = json.loads((run.main / "eval" / "summary.json").read_text())
     assert list(summary["methods"]) == list(METHODS)
+
+
+def _oppu_params_per_user(kind: str, r: int) -> int:
+    """A user's LoRA size on the tiny base (2 layers, hidden 64, 2 of 4 heads for k and v, FFN 128), by hand."""
+    from properlm.model.base import tiny_random_config
+
+    c = tiny_random_config()
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    shapes = [(c.hidden_size, kv)] * 2 if kind == "oppu-kv" else \
+        [(c.hidden_size, c.intermediate_size)] * 2 + [(c.intermediate_size, c.hidden_size)]
+    return c.num_hidden_layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
 
 
 def test_oppu_baselines_are_saved_apart_from_stage_3(run):
@@ -81,10 +98,12 @@ def test_oppu_baselines_are_saved_apart_from_stage_3(run):
         d = run.main / "baselines" / kind
         bank = open_bank(run.main, kind)
         assert sorted(bank.users()) == sorted(u.id for u in targets)
-        keys = list(bank.get(targets[0].id)["params"])
-        assert keys and all(part in k for k in keys)
+        params = bank.get(targets[0].id)["params"]
+        assert params and all(part in k for k in params)
         meta = json.loads((d / "baseline.json").read_text())
-        assert meta["params_per_user"] > 0 and "users" not in meta  # the bank is the one list of users
+        assert "users" not in meta  # the bank is the one list of users
+        assert meta["params_per_user"] == sum(v.numel() for v in params.values()) == \
+            _oppu_params_per_user(kind, meta["r"])
         assert (d / "logs" / f"{kind}.jsonl").exists() and not (d / "checkpoints").exists()
     kv = json.loads((run.main / "baselines" / "oppu-kv" / "baseline.json").read_text())
     assert kv["targets"] == ["self_attn.k_proj", "self_attn.v_proj"]
@@ -152,13 +171,20 @@ def test_report_tables_and_figures_from_real_runs(run, tmp_path):
     with open(tmp_path / "rep" / "efficiency.csv", newline="") as f:
         eff = {r["stage"]: r for r in csv.DictReader(f)}
     assert set(eff) == {"population", "group", "user", "oppu-kv", "oppu-mlp"}
-    assert int(eff["oppu-mlp"]["params_per_user"]) > int(eff["oppu-kv"]["params_per_user"]) > 0
-    assert float(eff["user"]["train_seconds"]) > 0
+    for kind in ("oppu-kv", "oppu-mlp"):
+        r = json.loads((run.main / "baselines" / kind / "baseline.json").read_text())["r"]
+        assert int(eff[kind]["params_per_user"]) == _oppu_params_per_user(kind, r)
+    # Stage 3's time is its log's: the span of its step records, stretched by one step (n records, n-1 gaps).
+    t = [json.loads(line)["time"] for line in (run.main / "logs" / "user.jsonl").read_text().splitlines()]
+    assert int(eff["user"]["steps"]) == len(t) == 3
+    assert float(eff["user"]["train_seconds"]) == pytest.approx((t[-1] - t[0]) * 3 / 2, abs=1e-3)
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert [r["variant"] for r in data["tables"]["table3"]["rows"]] == [
         "PROPER (full)", "PROPER (full), stage 2", "w/ text router + no constraint loss, stage 2"]
     assert "Decoding: free generation" in (tmp_path / "rep" / "report.md").read_text()
-    assert -1.0 <= data["routing_ari"] <= 1.0 and -1.0 <= data["routing_ari_per_site"] <= 1.0
+    # The report's ARI is the one figures.routing_ari measures (tested on planted partitions below).
+    assert data["routing_ari"] == pytest.approx(figures.routing_ari(run.main))
+    assert data["routing_ari_per_site"] == pytest.approx(figures.routing_ari(run.main, per_site=True))
     assert "![tsne](tsne.png)" in (tmp_path / "rep" / "report.md").read_text()
 
 
@@ -204,7 +230,8 @@ def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monke
     monkeypatch.setattr(gen, "generate", fake)
     res = evaluate_run(e2e, methods=["proper"], progress=False)
     assert all(lora == emb and set(emb) <= {u.id for u in targets} for lora, emb in seen)
-    assert res["methods"]["proper"]["metrics"]["accuracy"] >= 0.0
+    golds = [q.gold for u in targets for q in u.queries]
+    assert res["methods"]["proper"]["metrics"]["accuracy"] == pytest.approx(golds.count("love") / len(golds))
     data = report([res], tmp_path / "rep", figures=False)
     assert data["tables"]["table3"]["rows"][0]["variant"] == "w/ end-to-end"
 

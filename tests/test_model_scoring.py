@@ -95,24 +95,44 @@ def test_expected_value_under_the_label_likelihoods():
 
 @pytest.mark.slow
 def test_rating_runs_report_the_best_label_and_the_expected_rating(tmp_path, h):
+    """A planted rating task: every user gives all items one rating of their own (users differ). The personalised
+    model answers each target's queries with that user's rating by label decoding, where the non-personalised
+    stage 1, one model for users who disagree, cannot; the files carry the predictions their metrics score."""
     from properlm.data import Dataset, Item, Query, User, export_lamp
-    from properlm.evaluate.evaluate import evaluate_run
+    from properlm.evaluate.evaluate import evaluate_run, load_targets
+    from properlm.train.run import train
 
     users = []
     for i in range(8):
-        hist = [Item(f"i{i}-{j}", {"text": f"review {j} of thing {i}", "score": str(1 + (i + j) % 5)}) for j in range(4)]
-        qs = [Query(f"q{i}", "What is the score of the following review on a scale of 1 to 5? just answer with 1, 2, "
-                             f"3, 4, or 5 without further explanation. review: thing {i} again", str(1 + i % 5))]
+        rating = str(1 + i % 5)
+        hist = [Item(f"i{i}-{j}", {"text": f"review {j} of thing {i}", "score": rating}) for j in range(4)]
+        qs = [Query(f"q{i}-{k}", "What is the score of the following review on a scale of 1 to 5? just answer with 1, "
+                                 f"2, 3, 4, or 5 without further explanation. review: thing {i} again {k}", rating)
+              for k in range(3)]
         users.append(User(f"user{i}", hist, qs))
     export_lamp(Dataset("LaMP-3", users), tmp_path / "lamp3")
-    from properlm.train.run import train
-
     cfg = h.small_cfg(data=dict(path=str(tmp_path / "lamp3"), split="oppu", n_targets=3))
     train(cfg, tmp_path / "run")
-    res = evaluate_run(tmp_path / "run", methods=["proper"], decode="labels", progress=False)
-    assert set(res["methods"]) == {"proper@labels", "proper@labels-norm", "proper@expected"}
-    labels = json.loads((tmp_path / "run" / "eval" / "proper@labels" / "predictions.json").read_text())["golds"]
-    expect = json.loads((tmp_path / "run" / "eval" / "proper@expected" / "predictions.json").read_text())["golds"]
-    assert all(p["output"] in {"1", "2", "3", "4", "5"} for p in labels)
-    assert all(1.0 <= float(p["output"]) <= 5.0 for p in expect)
-    assert set(res["methods"]["proper@expected"]["metrics"]) == {"mae", "rmse"}
+    res = evaluate_run(tmp_path / "run", methods=["stage1", "proper"], decode="labels", progress=False)
+    assert set(res["methods"]) == {f"{m}@{d}" for m in ("stage1", "proper") for d in ("labels", "labels-norm", "expected")}
+    _, _, targets = load_targets(tmp_path / "run")
+    golds = {q.id: float(q.gold) for u in targets for q in u.queries}
+    assert len({u.queries[0].gold for u in targets}) == 3  # the targets disagree: no one answer is right for all
+
+    def outputs(m):
+        got = json.loads((tmp_path / "run" / "eval" / m / "predictions.json").read_text())["golds"]
+        assert [p["id"] for p in got] == list(golds)
+        return [float(p["output"]) for p in got]
+
+    # Each target's own rating, for every query (chance: 1 in 5); one model for all users is wrong somewhere.
+    assert outputs("proper@labels") == list(golds.values())
+    assert res["methods"]["proper@labels"]["metrics"] == {"mae": 0.0, "rmse": 0.0}
+    assert res["methods"]["stage1@labels"]["metrics"]["mae"] > 0.5
+    # Ratings are one token each, so the per-token mean ranks them as the sum does.
+    assert outputs("proper@labels-norm") == outputs("proper@labels")
+    # The expected ratings are what their MAE and RMSE are computed from.
+    ev = outputs("proper@expected")
+    assert len(set(ev)) > 1
+    err = [e - g for e, g in zip(ev, golds.values())]
+    assert res["methods"]["proper@expected"]["metrics"] == pytest.approx(
+        {"mae": sum(abs(x) for x in err) / len(err), "rmse": (sum(x * x for x in err) / len(err)) ** 0.5})
