@@ -7,8 +7,14 @@
   history only. Users train many per batch through the same path as PROPER's
   stage 3 (``ProperModel(merged, targets)`` + ``add_users(lora_aware_router=False)``
   + :func:`~properlm.train.user.train_users`), with the run's ``user`` settings
-  (rank, alpha, learning rate, steps), so OPPU and PROPER's stage 3 differ only
-  in what lies under the user LoRA. Saved as::
+  (alpha / rank, learning rate, steps), so OPPU and PROPER's stage 3 differ only
+  in what lies under the user LoRA. As in the paper, the methods are compared at
+  equal per-user sizes: OPPU-mlp adapts the same FFN linears as PROPER's user
+  LoRA at the same rank; OPPU-kv's k and v are much narrower (grouped KV heads:
+  on SmolLM2-135M a rank-r LoRA on k, v has a quarter of the parameters of one on
+  the FFN), so its rank is raised to the nearest rank with as many parameters per
+  user as PROPER's (:func:`oppu_rank`; 16 for PROPER's 4 there), at the same
+  ``alpha / r``. ``baseline.json`` records the rank and both sizes. Saved as::
 
       RUN/store/oppu-kv/                                   user bank: LoRA per target user (the user store)
       RUN/baselines/oppu-kv/baseline.json                  targets, r, alpha, parameter counts (no user ids)
@@ -21,6 +27,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -57,6 +64,24 @@ def oppu_trained(run_dir: str | Path, kind: str) -> bool:
     return (baseline_dir(run_dir, kind) / "baseline.json").exists() and open_bank(run_dir, kind) is not None
 
 
+def _width(lm, targets: tuple[str, ...]) -> int:
+    """The parameters of a rank-1 LoRA on ``targets`` in every decoder layer: the sum of in + out features."""
+    total = 0
+    for layer in lm.get_decoder().layers:
+        for t in targets:
+            m = layer.get_submodule(t)
+            m = getattr(m, "base", m)  # a linear properlm has wrapped
+            total += m.in_features + m.out_features
+    return total
+
+
+def oppu_rank(kind: str, lm, r: int) -> int:
+    """OPPU's per-user rank: the rank on ``kind``'s linears whose size is nearest to PROPER's user LoRA
+    (rank ``r`` on the FFN), never below ``r``."""
+    _check_kind(kind)
+    return max(r, round(r * _width(lm, FFN_TARGETS) / _width(lm, OPPU_TARGETS[kind])))
+
+
 def _merged_model(cfg: RunConfig, run_dir: Path, targets: tuple[str, ...]) -> tuple[ProperModel, object]:
     if not (run_dir / "population").exists():
         raise ProperError(f"{run_dir}: the OPPU baselines sit on the merged stage-1 model; train stage population first")
@@ -71,7 +96,8 @@ def train_oppu(cfg: RunConfig, run_dir: str | Path, kind: str, task: str, target
     """Train one LoRA per target user on the merged stage-1 model (OPPU-kv or OPPU-mlp).
 
     Args:
-        cfg: the run's config; ``cfg.user`` gives rank, alpha, lr and schedule.
+        cfg: the run's config; ``cfg.user`` gives alpha / rank, lr and schedule; the rank is
+            :func:`oppu_rank`'s (PROPER's per-user size).
         run_dir: the run directory (stage 1 must be trained).
         kind: ``"oppu-kv"`` (attention k, v) or ``"oppu-mlp"`` (FFN gate, up, down).
         task: the run's task name.
@@ -91,13 +117,16 @@ def train_oppu(cfg: RunConfig, run_dir: str | Path, kind: str, task: str, target
     examples = [e for u in targets for e in user_examples(task, u, history=True, queries=False)]
     if not examples:
         raise ProperError(f"{kind}: the target users have no history to train on")
+    r = oppu_rank(kind, pm.lm, cfg.user.r)
+    ucfg = dataclasses.replace(cfg.user, r=r, alpha=cfg.user.alpha * r / cfg.user.r)  # the same alpha / r
     # Its LoRAs go to the bank RUN/store/<kind>; logs and checkpoints under RUN/baselines/<kind>.
-    train_users(cfg, run_dir, pm, tok, examples, resume=resume, train_router=False, stage=kind, bank=kind,
-                work_dir=out)
+    train_users(dataclasses.replace(cfg, user=ucfg), run_dir, pm, tok, examples, resume=resume, train_router=False,
+                stage=kind, bank=kind, work_dir=out)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     per_user = sum(_numel(s) for s in pm.lora_shapes.values())
-    write_json(out / "baseline.json", {"method": kind, "targets": list(OPPU_TARGETS[kind]), "r": cfg.user.r,
-                                       "alpha": cfg.user.alpha, "params_per_user": per_user})
+    write_json(out / "baseline.json", {"method": kind, "targets": list(OPPU_TARGETS[kind]), "r": r,
+                                       "alpha": ucfg.alpha, "params_per_user": per_user,
+                                       "proper_params_per_user": cfg.user.r * _width(pm.lm, FFN_TARGETS)})
     return out
 
 
