@@ -9,6 +9,7 @@ Routes (OpenAI's where there is one):
                                        name ``"properlm"`` with the ``user`` field)
 ``POST /v1/chat/completions``          messages, with the base tokenizer's chat template
 ``GET /v1/models``                     the models a key may use (the admin's: every user)
+``GET /v1/models/{id}``                one of them (404 for a model the key may not use)
 ``GET /health``                        liveness and load (no key needed)
 ``POST /v1/users/{id}/history``        admin: upload a user's JSONL history, start their onboarding job
 ``GET /v1/jobs/{id}``                  a job's state and progress (admin, or the job's user)
@@ -18,11 +19,12 @@ Routes (OpenAI's where there is one):
 =====================================  ==========================================================
 
 Every error is one JSON object ``{"error": {"message", "type", "param", "code"}}``:
-malformed JSON 400, a missing or mistyped field 422 (naming it), a prompt longer
-than the context 400, a body over the limit 413, no or a wrong key 401, another
-user's model 403, an unknown user 404, a full queue 429 with ``Retry-After``, a
-timeout 504. Each response says which model answered: the ``X-Properlm-Model``
-header and the body's ``properlm`` field.
+malformed JSON 400, a field this server does not know or implement 400 (naming
+it), a missing or mistyped field 422 (naming it), a prompt longer than the
+context 400, a body over the limit 413, no or a wrong key 401, another user's
+model 403, an unknown user 404, a full queue 429 with ``Retry-After``, a timeout
+504. Each response says which model answered: the ``X-Properlm-Model`` header
+and the body's ``properlm`` field.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ from properlm.model.prompts import SYSTEM_PROMPT, encode_prompt
 from properlm.serve.engine import Engine, GenRequest, QueueFull
 from properlm.serve.jobs import Jobs, parse_history
 from properlm.serve.keys import Identity, Keys
-from properlm.serve.protocol import (ChatCompletionRequest, CompletionRequest, chunk, completion_response,
-                                     error_body, new_id, properlm_field)
+from properlm.serve.protocol import (BAD_REQUEST_TYPES, ChatCompletionRequest, CompletionRequest, chat_logprobs,
+                                     chunk, completion_logprobs, completion_response, error_body, new_id,
+                                     properlm_field, usage_chunk)
 from properlm.serve.settings import ServeConfig
 from properlm.store.run import read_split
 
@@ -152,6 +155,25 @@ class Server:
         if not ident.admin:
             raise ApiError(403, "this needs the admin key", "permission_error")
 
+    def model_ids(self, ident: Identity) -> list[str]:
+        """The models a key may use: the admin's ``base``, ``properlm`` and every user; a user's their own."""
+        if not ident.admin:
+            return [ident.user]
+        return list(dict.fromkeys(["base", SERVED_NAME, *self.lm.users]))
+
+    def may_use(self, ident: Identity, model: str) -> bool:
+        """Whether ``model`` is one of :meth:`model_ids` (without listing every user)."""
+        if not ident.admin:
+            return model == ident.user
+        if model in ("base", SERVED_NAME):
+            return True
+        self.lm.sync_deletes()
+        try:
+            self.lm.model_for(model)
+        except UnknownUser:
+            return False
+        return model not in self.deleting
+
     # -- which model answers ----------------------------------------------------------------------
     def resolve(self, model: str, user_field: str | None, ident: Identity) -> tuple[str | None, str, str | None]:
         """``(user, model kind, reason)`` for a request, or an ApiError (403/404/400)."""
@@ -195,8 +217,12 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def _param(loc) -> str:
-    parts = [str(x) for x in loc if x != "body"]
+def _param(err: dict) -> str:
+    """The field an error names: its location (``messages.0.content``) and the ``param`` its context adds."""
+    parts = [str(x) for x in err.get("loc", ()) if x != "body"]
+    extra = (err.get("ctx") or {}).get("param")
+    if extra:
+        parts.append(str(extra))
     return ".".join(parts) or "body"
 
 
@@ -227,8 +253,15 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
         if bad_json is not None:
             return _error(400, f"malformed JSON: {bad_json.get('ctx', {}).get('error', bad_json.get('msg'))}",
                           "invalid_request_error")
+        # A field this server does not know or implement is a 400 (what is asked for is not there);
+        # a missing or mistyped one a 422. The message never quotes the value sent.
+        bad = next((x for x in errs if x.get("type") in BAD_REQUEST_TYPES), None)
+        if bad is not None:
+            param = _param(bad)
+            msg = "field is not supported by this server" if bad["type"] == "extra_forbidden" else bad.get("msg")
+            return _error(400, f"field '{param}': {msg}", "invalid_request_error", param)
         first = errs[0]
-        param = _param(first.get("loc", ()))
+        param = _param(first)
         return _error(422, f"field '{param}': {first.get('msg')}", "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -245,12 +278,12 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
         ident = srv.identity(request)
         user, kind, reason = srv.resolve(body.model, body.user, ident)
         if chat:
-            msgs = [m.model_dump() for m in body.messages]
+            msgs = [m.as_template() for m in body.messages]
             if msgs[0]["role"] != "system":
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}, *msgs]
             text = srv.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             ids = srv.tok(text, add_special_tokens=False).input_ids
-            max_tokens = body.max_tokens or max(1, min(512, srv.context - len(ids)))
+            max_tokens = body.token_limit or max(1, min(512, srv.context - len(ids)))
         else:
             if isinstance(body.prompt, list):
                 if len(body.prompt) != 1:
@@ -261,14 +294,15 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
             ids = encode_prompt(srv.tok, prompt, max_prompt_tokens=10 ** 9)
             max_tokens = body.max_tokens or 16
         if len(ids) + max_tokens > srv.context:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens and max_tokens {max_tokens}; the model's context "
-                                f"is {srv.context} tokens", param="messages" if chat else "prompt")
+            raise ApiError(400, f"the prompt is {len(ids)} tokens and the token limit {max_tokens}; the model's "
+                                f"context is {srv.context} tokens", param="messages" if chat else "prompt")
         lora_user, emb_user = srv.rows_users(user, kind)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        top = body.top_count
         req = GenRequest(ids, lora_user, emb_user, user, max_tokens, body.temperature, body.top_p, body.seed,
                          body.stops(), time.monotonic() + cfg.request_timeout,
-                         lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)))
+                         lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)), logprobs=top)
         try:
             srv.engine.submit(req)
         except QueueFull as e:
@@ -279,20 +313,41 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
         headers = {"X-Properlm-Model": kind}
         usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731
                            "total_tokens": len(ids) + n}
+        pieces = {"offset": 0}  # completions' text_offset of the next token
+
+        def logprobs(entries):
+            if top is None:
+                return None
+            if chat:
+                return chat_logprobs(entries)
+            out = completion_logprobs(entries, pieces["offset"], top)
+            pieces["offset"] += sum(len(e["token"]) for e in entries)
+            return out
+
         if body.stream:
             async def sse():
                 finished = False
+                pending = []  # log probabilities of the tokens of the next delta
                 try:
                     yield _sse(chunk(rid, body.model, None, None, chat, who, first=True))
                     while True:
                         k, v = await events.get()
-                        if k == "delta":
-                            yield _sse(chunk(rid, body.model, v, None, chat))
+                        if k == "tokens":
+                            pending += v
+                        elif k == "delta":
+                            yield _sse(chunk(rid, body.model, v, None, chat, logprobs=logprobs(pending)))
+                            pending = []
                         elif k == "done":
                             finished = True
+                            if pending:  # tokens with no text of their own left (e.g. cut by a stop string)
+                                yield _sse(chunk(rid, body.model, None, None, chat, logprobs=logprobs(pending)))
                             last = chunk(rid, body.model, None, v["finish_reason"], chat)
-                            last["usage"] = usage(v["completion_tokens"])
-                            yield _sse(last)
+                            if body.include_usage:  # as OpenAI: a last chunk with no choices and the usage
+                                yield _sse(last)
+                                yield _sse(usage_chunk(rid, body.model, chat, usage(v["completion_tokens"])))
+                            else:
+                                last["usage"] = usage(v["completion_tokens"])
+                                yield _sse(last)
                             break
                         else:
                             finished = True
@@ -317,9 +372,13 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
                 continue
             if k == "delta":
                 text.append(v)
+            elif k == "tokens":
+                continue  # the whole list comes with "done"
             elif k == "done":
+                lp = logprobs(v["logprobs"]) if v.get("logprobs") is not None else None
                 return JSONResponse(completion_response(rid, body.model, v["text"], v["finish_reason"],
-                                                        usage(v["completion_tokens"]), who, chat), headers=headers)
+                                                        usage(v["completion_tokens"]), who, chat, lp),
+                                    headers=headers)
             else:
                 status, message = v
                 kind_ = {404: "not_found_error", 504: "timeout", 499: "cancelled"}.get(status, "server_error")
@@ -335,13 +394,14 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        ident = srv.identity(request)
-        if ident.admin:
-            ids = ["base", SERVED_NAME, *srv.lm.users]
-        else:
-            ids = [ident.user]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "properlm"}
-                                           for i in ids]}
+        return {"object": "list", "data": [_model(i) for i in srv.model_ids(srv.identity(request))]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request):
+        if not srv.may_use(srv.identity(request), model_id):
+            raise ApiError(404, "unknown model: no such model, or not one this key may use", "not_found_error",
+                           param="model")
+        return _model(model_id)
 
     @app.get("/health")
     async def health():
@@ -434,6 +494,10 @@ def in_split(run_dir: str | Path, user_id: str) -> bool:
         return False
     split = read_split(run_dir)
     return user_id in split.get("train", []) or user_id in split.get("target", [])
+
+
+def _model(model_id: str) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "properlm"}
 
 
 def _sse(obj: dict) -> str:

@@ -11,6 +11,11 @@ streaming clients see them as they come.
 A request's tokens depend only on its own prompt, user and sampling settings:
 greedy decoding gives the same answer as ``properlm generate`` whatever else is
 in the batch, and a seeded sample draws from the request's own generator.
+
+A request may ask for log probabilities (``logprobs``: how many alternatives):
+each generated token's log probability under the model's next-token
+distribution (the logits as they are: before temperature and ``top_p``), and
+those of the most likely tokens, with each token's text and bytes.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ class GenRequest:
         stops: strings that end the answer (not included in it).
         deadline: ``time.monotonic()`` after which the request is dropped (timeout).
         sink: called from the engine thread with ``(kind, payload)``: ``("delta", text)``,
-            ``("done", {"text", "finish_reason", "completion_tokens"})`` or ``("error", (status, message))``.
+            ``("done", {"text", "finish_reason", "completion_tokens", "logprobs"})`` or
+            ``("error", (status, message))``; with ``logprobs``, also ``("tokens", [entry, ...])`` before
+            each delta: the entries of the tokens generated since the previous one (see :meth:`Engine.entry`).
+        logprobs: alternatives per token to report with their log probabilities (None: no log probabilities).
     """
 
     prompt_ids: list[int]
@@ -61,10 +69,13 @@ class GenRequest:
     stops: list[str]
     deadline: float
     sink: Callable[[str, object], None]
+    logprobs: int | None = None
     cancelled: str | None = None        # why, once cancelled
     generated: list[int] = field(default_factory=list)
     sent: str = ""
     generator: torch.Generator | None = None
+    entries: list[dict] = field(default_factory=list)  # with logprobs: one per generated token
+    entries_sent: int = 0
 
 
 class Engine:
@@ -82,6 +93,8 @@ class Engine:
         self.model, self.tok, self.bf16 = model, tok, bf16
         self.max_batch, self.max_queue = max_batch, max_queue
         self.stops = stop_ids(tok)
+        self._byte_level = _is_byte_level(tok)
+        self._pieces: dict[int, tuple[str, list[int]]] = {}
         self.pending: collections.deque[GenRequest] = collections.deque()
         self.cond = threading.Condition()
         self.batch = DecodeBatch(model, tok.pad_token_id, bf16)
@@ -210,6 +223,8 @@ class Engine:
                 done.add(r)
                 continue
             r.generated.append(t)
+            if r.logprobs is not None:
+                r.entries.append(self.entry(logits[i], t, r.logprobs))
             hit = self._emit(r)
             if hit or len(r.generated) >= r.max_tokens:
                 self._finish(r, "stop" if hit else "length")
@@ -221,6 +236,36 @@ class Engine:
         if self.active:
             self.batch.step(keep)
             self.steps += 1
+
+    # -- log probabilities -----------------------------------------------------------------------
+    def piece(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text and UTF-8 bytes (a byte-level BPE token's own bytes, which may be part of a character)."""
+        got = self._pieces.get(token_id)
+        if got is None:
+            raw = self.tok.convert_ids_to_tokens(token_id)
+            if self._byte_level and isinstance(raw, str) and all(c in _BYTE_DECODER for c in raw):
+                data = bytes(_BYTE_DECODER[c] for c in raw)
+            else:
+                data = self.tok.decode([token_id]).encode("utf-8")
+            got = self._pieces[token_id] = (data.decode("utf-8", errors="replace"), list(data))
+        return got
+
+    def entry(self, logits: torch.Tensor, token_id: int, k: int) -> dict:
+        """``{"token", "logprob", "bytes", "top": [{"token", "logprob", "bytes"}] * k}`` of a chosen token."""
+        lp = torch.log_softmax(logits.float(), -1)
+        text, data = self.piece(token_id)
+        top = []
+        if k:
+            values, ids = torch.topk(lp, min(k, lp.numel()))
+            for v, i in zip(values.tolist(), ids.tolist()):
+                t, b = self.piece(i)
+                top.append({"token": t, "logprob": v, "bytes": b})
+        return {"token": text, "logprob": float(lp[token_id]), "bytes": data, "top": top}
+
+    def _send_entries(self, r: GenRequest) -> None:
+        if r.logprobs is not None and r.entries_sent < len(r.entries):
+            r.sink("tokens", r.entries[r.entries_sent:])
+            r.entries_sent = len(r.entries)
 
     def _text(self, r: GenRequest) -> str:
         return self.tok.decode(r.generated, skip_special_tokens=True)
@@ -238,6 +283,7 @@ class Engine:
             if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
                 text = text[:-1]
         if len(text) > len(r.sent) and text.startswith(r.sent):
+            self._send_entries(r)
             r.sink("delta", text[len(r.sent):])
             r.sent = text
         return bool(hits)
@@ -247,8 +293,36 @@ class Engine:
         for s in r.stops:
             if s in text:
                 text = text[:text.find(s)]
+        self._send_entries(r)
         if len(text) > len(r.sent) and text.startswith(r.sent):
             r.sink("delta", text[len(r.sent):])
             r.sent = text
         self.counts["finished"] += 1
-        r.sink("done", {"text": text, "finish_reason": reason, "completion_tokens": len(r.generated)})
+        r.sink("done", {"text": text, "finish_reason": reason, "completion_tokens": len(r.generated),
+                        "logprobs": r.entries if r.logprobs is not None else None})
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: each byte as the printable character its tokens use."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tok) -> bool:
+    """Whether the tokenizer is a byte-level BPE (its tokens are strings of GPT-2's byte alphabet)."""
+    try:
+        from tokenizers import decoders
+
+        return isinstance(tok.backend_tokenizer.decoder, decoders.ByteLevel)
+    except Exception:  # a slow tokenizer, or one without a decoder
+        return False
