@@ -47,9 +47,9 @@ def test_history_pairs_follow_oppu():
     p, a = get_task("LaMP-2M").history_pair(Item("1", {"description": "Robots.", "tag": "sci-fi"}))
     assert p.startswith("Which tag does this movie relate to") and "true story]" in p
     assert p.endswith("description: Robots.") and a == "sci-fi"
+    # LaMP-7 as OPPU trains it: the user's tweet after a bare "tweet:", never a prompt holding its own answer
     p, a = get_task("LaMP-7").history_pair(Item("1", {"text": "so tired lol"}))
-    assert p == "Paraphrase the following tweet without any explanation before or after it: so tired lol"
-    assert a == "so tired lol"
+    assert p == "tweet:" and a == "so tired lol"
     assert get_task("LaMP-4").history_pair(Item("1", {"text": "Body.", "title": "Head"})) == (
         "Generate a headline for the following article: Body.", "Head")
     assert get_task("LaMP-5").history_pair(Item("1", {"abstract": "We show.", "title": "T"}))[1] == "T"

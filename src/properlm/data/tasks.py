@@ -18,10 +18,12 @@ model learns from history is asked for in the same words at test time:
 * LaMP-3: ``review text -> score`` with LaMP-3's query phrasing (OPPU).
 * LaMP-4: ``article -> headline``; LaMP-5: ``abstract -> title`` (OPPU).
 * LaMP-6: ``email text -> subject`` in the spirit of LaMP-4.
-* LaMP-7: the user's tweet is the answer to a paraphrase prompt *of that same
-  tweet* (METHOD.md): the pair teaches the user's wording, not a rewrite.
-  (OPPU's released code uses the bare prompt ``tweet:``; we keep LaMP-7's
-  query phrasing so history and queries read alike.)
+* LaMP-7: ``tweet: -> the user's tweet``, as OPPU's released code trains
+  (``prompt/prompt.json``: ``OPPU_input`` is the bare ``tweet:``). LaMP-7's
+  profiles hold only the user's tweets, with no source text to paraphrase, so
+  the pair models the user's own tweets: their wording. (Until 2026-12-06 the
+  prompt was LaMP-7's paraphrase query *of that same tweet*, so every pair's
+  answer was a copy of its input and user LoRAs learned to copy.)
 
 Task names are looked up loosely: ``LaMP-3``, ``LaMP_3``, ``lamp3`` and OPPU's
 directory names (``product_rating``) all name the same task.
@@ -159,8 +161,7 @@ TASKS: dict[str, Task] = {
         _task("LaMP-6", "generation", None, ("text", "title"),
               "Generate a subject for the following email: {text}", "title", "LaMP_6", ("email_subject",)),
         _task("LaMP-7", "generation", None, ("text",),
-              "Paraphrase the following tweet without any explanation before or after it: {text}", "text",
-              "LaMP_7", ("tweet_paraphrase",)),
+              "tweet:", "text", "LaMP_7", ("tweet_paraphrase",)),
         _task("movielens", "rating", RATINGS, ("text", "score"), MOVIELENS_PROMPT, "score"),
         _task("jsonl", "generation", None, ("prompt", "response"), "{prompt}", "response"),
         _task("synth-cls", "classification", SYNTH_LABELS, ("text", "label"), SYNTH_CLS_PROMPT, "label"),
