@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from properlm import load_run
+from properlm.model.prompts import SYSTEM_PROMPT
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +132,15 @@ def test_concurrent_users_each_get_their_own_answer_equal_to_generate(server, ru
     r = server.client().chat.completions.create(model="properlm", user=targets[1], temperature=0, max_tokens=6,
                                                messages=[{"role": "user", "content": jobs[1][1]}])
     assert r.choices[0].message.content.strip() == want[1] and r.object == "chat.completion"
-    assert r.usage.completion_tokens >= 1 and r.id.startswith("chatcmpl-")
+    assert r.id.startswith("chatcmpl-")
+    # The usage counts this prompt's tokens (the run's system prompt added) and the answer's.
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": jobs[1][1]}]
+    prompt_ids = lm.tok(lm.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                        add_special_tokens=False).input_ids
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert (r.usage.completion_tokens == 6) if r.choices[0].finish_reason == "length" else \
+        (r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 6)
 
 
 def test_which_model_answered_is_said(server, targets):
@@ -151,7 +160,9 @@ def test_streaming_sends_the_same_text_in_pieces(server, targets):
     parts = list(server.client().completions.create(model=targets[2], prompt=prompt, max_tokens=8, temperature=0,
                                                     stream=True))
     assert "".join(p.choices[0].text for p in parts) == whole
-    assert parts[-1].choices[0].finish_reason in ("stop", "length")
+    once = server.client().completions.create(model=targets[2], prompt=prompt, max_tokens=8, temperature=0)
+    assert parts[-1].choices[0].finish_reason == once.choices[0].finish_reason
+    assert all(p.choices[0].finish_reason is None for p in parts[:-1])
     chat = list(server.client().chat.completions.create(model=targets[2], temperature=0, max_tokens=8, stream=True,
                                                         messages=[{"role": "user", "content": prompt}]))
     assert "".join(c.choices[0].delta.content or "" for c in chat) == whole
@@ -170,11 +181,11 @@ def test_sampling_settings_are_honoured(server, targets):
     r = c.completions.create(model=targets[0], prompt="hello", max_tokens=3, temperature=0)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
     text = _greedy(c, targets[0], "hello", n=8)
-    if len(text.strip()) > 2:
-        stop = text.strip()[1:3]
-        cut = c.completions.create(model=targets[0], prompt="hello", max_tokens=8, temperature=0, stop=[stop])
-        assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
-        assert text.startswith(cut.choices[0].text)
+    assert len(text.strip()) > 2, "the answer should be long enough to hold a stop string"
+    stop = text.strip()[1:3]
+    cut = c.completions.create(model=targets[0], prompt="hello", max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].text
+    assert text.startswith(cut.choices[0].text)
 
 
 def test_bad_requests_get_one_json_error_and_the_server_serves_on(server, targets):
@@ -257,7 +268,9 @@ def test_user_keys_reach_only_their_own_model(server, targets):
     key = r.json()["api_key"]
     assert key.startswith("plm-")
     mine = server.client(key=key)
-    assert _greedy(mine, targets[3], "hi", n=2) is not None
+    raw = mine.completions.with_raw_response.create(model=targets[3], prompt="hi", max_tokens=2, temperature=0)
+    assert raw.headers["x-properlm-model"] == "user-lora"  # their own personalized model
+    assert json.loads(raw.text)["choices"][0]["text"] == _greedy(server.client(), targets[3], "hi", n=2)
     with pytest.raises(openai.PermissionDeniedError):
         mine.completions.create(model=targets[0], prompt="hi", max_tokens=2)
     with pytest.raises(openai.PermissionDeniedError):
@@ -309,9 +322,13 @@ def test_delete_then_every_request_is_404_and_nothing_remains(server):
     job = r.json()["job"]
     while server.http("GET", f"/v1/jobs/{job['id']}").json()["state"] in ("queued", "running"):
         time.sleep(0.2)
-    assert _greedy(server.client(), user, "hi", n=2) is not None
+    raw = server.client().completions.with_raw_response.create(model=user, prompt="hi", max_tokens=2)
+    assert raw.headers["x-properlm-model"] == "user-lora"  # served personalized until the delete
     r = server.http("DELETE", f"/v1/users/{user}")
-    assert r.status_code == 200 and r.json()["removed"]
+    assert r.status_code == 200 and r.json()["deleted"] == user
+    removed = r.json()["removed"]
+    assert removed["server records (keys, jobs, uploads)"] == 3  # the job record, the key list, the key
+    assert removed.get("lora entries", 0) >= 1, removed
     with pytest.raises(openai.NotFoundError):
         server.client().completions.create(model=user, prompt="hi", max_tokens=2)
     assert server.http("DELETE", f"/v1/users/{user}").status_code == 404

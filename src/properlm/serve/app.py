@@ -24,7 +24,8 @@ it), a missing or mistyped field 422 (naming it), a prompt longer than the
 context 400, a body over the limit 413, no or a wrong key 401, another user's
 model 403, an unknown user 404, a full queue 429 with ``Retry-After``, a timeout
 504. Each response says which model answered: the ``X-Properlm-Model`` header
-and the body's ``properlm`` field.
+and the body's ``properlm`` field. Nothing a client sent is logged (see
+:mod:`properlm.serve.settings`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -51,10 +53,14 @@ from properlm.serve.keys import Identity, Keys
 from properlm.serve.protocol import (BAD_REQUEST_TYPES, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                                      chunk, completion_logprobs, completion_response, error_body, new_id,
                                      properlm_field, usage_chunk)
-from properlm.serve.settings import ServeConfig
+from properlm.serve.settings import ACCESS_LOGGER, ServeConfig, configure_logging, log_failure
 from properlm.store.run import read_split
+from properlm.user_ids import user_id_problem
 
 log = logging.getLogger("properlm.serve")
+access_log = logging.getLogger(ACCESS_LOGGER)
+#: Methods named in the access log as they are (any other: OTHER; a method is client input too).
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: The run's own model name: with it, the OpenAI ``user`` field chooses the user.
 SERVED_NAME = "properlm"
 ADMIN = Identity(admin=True)
@@ -109,6 +115,36 @@ class BodyLimit:
         return await self.app(scope, again, send)
 
 
+class AccessLog:
+    """ASGI middleware: one line per request in the access log: method, route template, status, latency.
+
+    The route is its template (``/v1/users/{user_id}/history``), or ``-`` when none matched (e.g. a 404
+    or a 413 answered before routing); never the path, the query, a key or the body.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = []
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            method = scope.get("method", "")
+            route = getattr(scope.get("route"), "path", None) or "-"
+            access_log.info("%s %s %s %.1fms", method if method in METHODS else "OTHER", route,
+                            status[0] if status else 500, 1000 * (time.perf_counter() - t0))
+
+
 class Server:
     """What the routes share: the loaded run, the engine, keys and jobs."""
 
@@ -122,10 +158,11 @@ class Server:
         self.keys = Keys(cfg.run / "serve")
         self.jobs = Jobs(cfg.run, on_done=self.lm.forget, train_threads=cfg.train_threads)
         self.admin_key = cfg.admin_key
-        self.new_admin_key: str | None = None
+        self.admin_key_file: Path | None = None  # where a new admin key was written
         self.deleting: set[str] = set()  # users whose DELETE is under way: their requests are 404
         if cfg.auth and not self.admin_key and not self.keys.has_admin():
-            self.new_admin_key = self.keys.issue(None)  # shown once, by the command; only its hash is kept
+            # Written once to a file only its owner can read (never to the log); only its hash is kept.
+            self.admin_key_file = write_secret(cfg.admin_key_out, self.keys.issue(None))
 
     def start(self) -> None:
         self.engine.start()
@@ -226,6 +263,20 @@ def _param(err: dict) -> str:
     return ".".join(parts) or "body"
 
 
+def write_secret(path: Path, secret: str) -> Path:
+    """Write ``secret`` to a new file only its owner can read or write (mode 0600); the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # a stale file: the new one is created afresh with the mode below
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (secret + "\n").encode())
+    finally:
+        os.close(fd)
+    return path
+
+
 def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     """The application for ``cfg`` (the run is loaded here; the engine and jobs start with the app)."""
     srv = server or Server(cfg)
@@ -241,6 +292,7 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     app = FastAPI(title="properlm", lifespan=lifespan)
     app.state.server = srv
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(AccessLog)  # outermost: it times and logs the 413s too
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -270,7 +322,8 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request, e: Exception):
-        log.exception("unhandled error")
+        route = getattr(request.scope.get("route"), "path", None) or "-"
+        log_failure(log, f"unhandled error in {request.method if request.method in METHODS else 'OTHER'} {route}", e)
         return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
     # -- generation -----------------------------------------------------------------------------
@@ -414,21 +467,30 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     @app.post("/v1/users/{user_id}/history", status_code=202)
     async def upload_history(user_id: str, request: Request):
         srv.need_admin(srv.identity(request))
-        body = await request.body()
+        problem = user_id_problem(user_id)  # the rule of properlm.user_ids, as for `properlm users add`
+        if problem is not None:
+            raise ApiError(400, f"user id {problem}", param="user_id")
         if srv.lm.level != "user":
             raise ApiError(400, "onboarding needs a run with all three stages trained")
-        if srv.jobs.active_for(user_id) is not None:
-            raise ApiError(409, f"user {user_id!r} already has an onboarding job running", param="user_id")
+        # One onboarding per user at a time: the slot is claimed before the first await, so of
+        # simultaneous uploads exactly one goes on and the others are refused.
+        if not srv.jobs.reserve(user_id):
+            raise ApiError(409, f"user {user_id!r} already has an onboarding job queued or running; send the "
+                                f"history again once it has ended", param="user_id")
         try:
-            examples = await asyncio.to_thread(parse_history, body, user_id,
-                                               cfg.run / "serve" / "tmp" / f"{new_id('up')}.jsonl")
-        except (ProperError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"history: {' '.join(str(e).split())}", param="body") from None
-        if user_id in srv.deleting:  # checked after the last await: a delete under way is not undone
-            raise ApiError(409, f"user {user_id!r} is being deleted; send their history again once it is done",
-                           param="user_id")
-        refresh = user_id in srv.lm.model.user_loras if srv.lm.model.user_loras is not None else False
-        job = srv.jobs.submit(user_id, body, examples, refresh)
+            body = await request.body()
+            try:
+                examples = await asyncio.to_thread(parse_history, body, user_id,
+                                                   cfg.run / "serve" / "tmp" / f"{new_id('up')}.jsonl")
+            except (ProperError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"history: {' '.join(str(e).split())}", param="body") from None
+            if user_id in srv.deleting:  # checked after the last await: a delete under way is not undone
+                raise ApiError(409, f"user {user_id!r} is being deleted; send their history again once it is "
+                                    f"done", param="user_id")
+            refresh = user_id in srv.lm.model.user_loras if srv.lm.model.user_loras is not None else False
+            job = srv.jobs.submit(user_id, body, examples, refresh)
+        finally:
+            srv.jobs.release(user_id)
         out = {"user": user_id, "job": job, "refresh": refresh}
         if not srv.keys.user_record(user_id).get("keys"):
             out["api_key"] = srv.keys.issue(user_id)  # shown once; only its hash is kept
@@ -437,9 +499,9 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request):
         ident = srv.identity(request)
-        job = srv.jobs.get(job_id) if job_id.isalnum() else None
+        job = srv.jobs.get(job_id)  # None also for what is not a job id (no file is looked up)
         if job is None:
-            raise ApiError(404, f"unknown job {job_id!r}", "not_found_error", param="job_id")
+            raise ApiError(404, "unknown job", "not_found_error", param="job_id")
         if not ident.admin and ident.user != job["user"]:
             raise ApiError(403, "this job belongs to another user", "permission_error")
         return job
@@ -462,8 +524,11 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
             # A running onboarding job stops at its next step; until it has, it could still write the
             # user back, so the delete waits for it (however long its step takes).
             await asyncio.to_thread(srv.jobs.cancel_user, user_id, None)
-            srv.jobs.forget(user_id)
+            jobs_removed = srv.jobs.forget(user_id)
             removed = await asyncio.to_thread(forget_users, cfg.run, [user_id])
+            if jobs_removed:  # the job records and uploads removed above count with the rest of serve/
+                what = "server records (keys, jobs, uploads)"
+                removed[what] = removed.get(what, 0) + jobs_removed
             srv.lm.forget(user_id)
             srv.engine.cancel_user(user_id)
         finally:
@@ -508,10 +573,11 @@ def serve(cfg: ServeConfig) -> None:
     """Run the server until interrupted (uvicorn)."""
     import uvicorn
 
+    configure_logging(cfg.access_log)
     srv = Server(cfg)
-    if srv.new_admin_key:
-        print(f"properlm serve: new admin key (shown once, only its hash is stored): {srv.new_admin_key}",
-              file=sys.stderr, flush=True)
+    if srv.admin_key_file:
+        print(f"properlm serve: a new admin key was written to {srv.admin_key_file} (mode 0600; only its hash "
+              f"is kept in the run): keep it somewhere safe and delete the file", file=sys.stderr, flush=True)
     app = create_app(cfg, srv)
     print(f"properlm serve: {cfg.run} on http://{cfg.host}:{cfg.port} ({srv.lm.level} level, "
           f"{'auth on' if cfg.auth else 'NO AUTH, loopback only'})", file=sys.stderr, flush=True)

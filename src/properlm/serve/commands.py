@@ -19,7 +19,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = ServeConfig(run=args.run, host=args.host, port=args.port, cache_mb=args.cache_mb,
                           max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.timeout,
-                          max_body_bytes=args.max_body_mb * 2**20, auth=not args.no_auth, admin_key=key,
+                          max_body_bytes=int(args.max_body_mb * 2**20), auth=not args.no_auth, admin_key=key,
+                          admin_key_out=args.admin_key_out, access_log=not args.no_access_log,
                           device=args.device, train_threads=args.train_threads)
     except ValueError as e:
         raise ProperError(str(e)) from None
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "model 'properlm'); 'base' is the non-personalized model. Requests of many users decode "
                     "together. Onboarding (POST /v1/users/ID/history), forgetting (DELETE /v1/users/ID) and job "
                     "status (GET /v1/jobs/ID) need the admin key: from --admin-key-file or $PROPERLM_ADMIN_KEY, else "
-                    "the one stored in the run (a new one is printed once at the first start).")
+                    "the one stored in the run (at the first start a new one is written to --admin-key-out, "
+                    "mode 0600, and only that path is printed).")
     p.add_argument("--run", required=True, help="a trained run directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -46,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (then 504)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body (then 413)")
     p.add_argument("--admin-key-file", default=None, help="file holding the admin key")
+    p.add_argument("--admin-key-out", default=None,
+                   help="where a new admin key is written, mode 0600 (default RUN/serve/admin-key)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no access log (by default one line per request on stderr: method, route, status, ms)")
     p.add_argument("--no-auth", action="store_true", help="no API keys (only on a loopback address)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the run config's)")
     p.add_argument("--train-threads", type=int, default=None, help="torch threads of onboarding jobs")

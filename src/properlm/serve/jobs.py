@@ -1,35 +1,95 @@
 """Onboarding jobs: a user's uploaded history trained into their LoRA in the background.
 
 ``POST /v1/users/{id}/history`` checks every record (nothing is stored when
-one is bad), writes the history to ``RUN/serve/uploads/<h>.jsonl`` and queues a
-job; one worker thread runs the jobs in turn with :func:`properlm.train.users.add_users`,
-the same code as ``properlm users add`` (their stage-2 group fitted, then their
-LoRA against the frozen stages). A job's record ``RUN/serve/jobs/<id>.json``
-reports its state and progress. Jobs that a restart interrupted are queued
-again at start and resume from their checkpoint. When a job ends the upload is
-removed; cancelling (the user deleted) stops it between steps.
+one is bad), writes the history to ``RUN/serve/uploads/<job id>.jsonl`` (each
+upload its own file, named by its job) and queues a job; a user has at most one
+queued or running job (:meth:`Jobs.reserve`: a second upload meanwhile is
+refused). One worker thread runs the jobs in turn with
+:func:`properlm.train.users.add_users`, the same code as ``properlm users add``
+(their stage-2 group fitted, then their LoRA against the frozen stages). A
+job's record ``RUN/serve/jobs/<id>.json`` reports its state and progress. Jobs
+that a restart interrupted are queued again at start and resume from their
+checkpoint. When a job ends its upload is removed; cancelling (the user
+deleted) stops it between steps.
+
+Nothing derived from a user or their data goes to the log: a failed job logs
+its id, the exception's type and the code lines of its traceback, and its
+record says what failed without the server's paths.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import shutil
 import threading
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from properlm.data.jsonl import load_jsonl
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json, write_text
+from properlm.serve.settings import log_failure
 from properlm.store.user_store import user_hash
 from properlm.train.examples import Example
 
 log = logging.getLogger("properlm.serve")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+#: A job id: 32 lowercase hex digits (``uuid4().hex``); anything else names no job.
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_job_id(text: str) -> bool:
+    """Whether ``text`` has the form of a job id (checked before any file is looked up)."""
+    return JOB_ID.fullmatch(text) is not None
+
+
+def check_record(rec: object, n: int) -> None:
+    """The server's stricter checks of one uploaded record (beyond the JSONL format's):
+    ``prompt`` and ``response`` are strings, ``time`` a number or an ISO 8601 date or time.
+
+    Raises:
+        ProperError: ``line N: field 'f': what``.
+    """
+    if not isinstance(rec, dict):
+        return  # the format's own check names it
+    for name in ("prompt", "response"):
+        v = rec.get(name)
+        if v is not None and not isinstance(v, str):
+            raise ProperError(f"line {n}: field '{name}': expected a string, got {_kind(v)}")
+    t = rec.get("time")
+    if t is not None and not _is_time(t):
+        raise ProperError(f"line {n}: field 'time': expected a number or an ISO 8601 date or time "
+                          f"(e.g. 2024-05-01T10:00:00), got {'a ' + _kind(t) if not isinstance(t, str) else 'text'}")
+
+
+def _kind(v: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _is_time(t: object) -> bool:
+    """A number, a numeric string or an ISO 8601 date / date and time (what sorts as a time)."""
+    if isinstance(t, bool):
+        return False
+    if isinstance(t, (int, float)):
+        return t == t and abs(t) != float("inf")
+    if not isinstance(t, str):
+        return False
+    try:
+        float(t)
+        return True
+    except ValueError:
+        pass
+    try:
+        datetime.fromisoformat(t.replace("Z", "+00:00") if t.endswith("Z") else t)
+        return True
+    except ValueError:
+        return False
 
 
 def parse_history(body: bytes, user: str, scratch: Path) -> list[Example]:
@@ -52,6 +112,7 @@ def parse_history(body: bytes, user: str, scratch: Path) -> list[Example]:
             rec = json.loads(raw)
         except ValueError as e:
             raise ProperError(f"line {n}: malformed JSON: {e}") from None
+        check_record(rec, n)
         if isinstance(rec, dict):
             if rec.setdefault("user_id", user) != user:
                 raise ProperError(f"line {n}: field 'user_id': {rec['user_id']!r} is not the user of this upload "
@@ -88,6 +149,7 @@ class Jobs:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._cancel: dict[str, threading.Event] = {}
         self.active: dict[str, str] = {}  # user -> their queued or running job
+        self._reserved: set[str] = set()  # users whose upload is being checked (not yet a job)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="properlm-jobs", daemon=True)
 
@@ -95,10 +157,14 @@ class Jobs:
     def _path(self, jid: str) -> Path:
         return self.root / "jobs" / f"{jid}.json"
 
-    def upload_path(self, user: str) -> Path:
-        return self.root / "uploads" / f"{user_hash(user)}.jsonl"
+    def upload_path(self, job: dict) -> Path:
+        """Where a job's upload is: ``uploads/<job id>.jsonl`` (jobs of older servers: the user's hash)."""
+        return self.root / "uploads" / (job.get("upload") or f"{user_hash(job['user'])}.jsonl")
 
     def get(self, jid: str) -> dict | None:
+        """A job's record, or None (also for a string that is not a job id: no file is looked up)."""
+        if not is_job_id(jid):
+            return None
         p = self._path(jid)
         return read_json(p) if p.exists() else None
 
@@ -119,9 +185,15 @@ class Jobs:
     # -- submitting ----------------------------------------------------------------------------
     def start(self) -> "Jobs":
         """Start the worker; jobs a restart interrupted are queued again (they resume). Scratch copies
-        of uploads that a killed process left in ``serve/tmp`` (users' data under random names) go."""
+        of uploads that a killed process left in ``serve/tmp``, and uploads no job record names (a
+        process killed between the two writes), go: users' data under names forgetting cannot attribute."""
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
-        for job in self.all():
+        jobs = self.all()
+        named = {self.upload_path(j).name for j in jobs}
+        for p in sorted((self.root / "uploads").glob("*")) if (self.root / "uploads").is_dir() else []:
+            if p.name not in named:
+                p.unlink(missing_ok=True)
+        for job in jobs:
             if job["state"] in (QUEUED, RUNNING):
                 job["state"], job["resume"] = QUEUED, True
                 self._save(job)
@@ -137,13 +209,29 @@ class Jobs:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
+    def reserve(self, user: str) -> bool:
+        """Claim the user's one onboarding slot while their upload is checked; False when they already
+        have a queued or running job or another upload under way. :meth:`submit` or :meth:`release` ends it."""
+        with self._lock:
+            if user in self._reserved or self.active_for(user) is not None:
+                return False
+            self._reserved.add(user)
+            return True
+
+    def release(self, user: str) -> None:
+        """End a :meth:`reserve` (the upload was refused, or its job is queued)."""
+        with self._lock:
+            self._reserved.discard(user)
+
     def submit(self, user: str, body: bytes, examples: list[Example], refresh: bool) -> dict:
-        """Store the upload and queue a job; returns the job record."""
-        write_text(self.upload_path(user), body.decode("utf-8"))
+        """Store the upload (its own file) and queue a job; returns the job record. The record, which
+        names the upload, is written first: forgetting the user finds the upload through it."""
         jid = uuid.uuid4().hex
         job = {"id": jid, "user": user, "state": QUEUED, "refresh": refresh, "records": len(examples),
-               "progress": {"step": 0, "steps": None}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "upload": f"{jid}.jsonl", "progress": {"step": 0, "steps": None},
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save(job)
+        write_text(self.upload_path(job), body.decode("utf-8"))
         with self._lock:
             self._cancel[jid] = threading.Event()
             self.active[user] = jid
@@ -207,17 +295,21 @@ class Jobs:
 
             try:
                 user = job["user"]
-                examples = parse_history(self.upload_path(user).read_bytes(), user,
-                                         self.root / "tmp" / f"{uuid.uuid4().hex}.jsonl")
+                try:
+                    body = self.upload_path(job).read_bytes()
+                except FileNotFoundError:
+                    raise ProperError("the upload of this job is gone (send the history again)") from None
+                examples = parse_history(body, user, self.root / "tmp" / f"{uuid.uuid4().hex}.jsonl")
+                job["trained_records"] = len(examples)
                 add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step)
                 job["state"], job["progress"]["step"] = DONE, job["progress"].get("steps") or 0
-                self.upload_path(user).unlink(missing_ok=True)
                 self.on_done(user)
             except Cancelled:
                 job["state"] = CANCELLED
             except Exception as e:
-                log.exception("onboarding job %s failed", jid)
-                job["state"], job["error"] = FAILED, " ".join(f"{type(e).__name__}: {e}".split())
+                log_failure(log, f"onboarding job {jid} failed", e)
+                job["state"], job["error"] = FAILED, self._error_text(e)
+            self.upload_path(job).unlink(missing_ok=True)  # its purpose is over: no user data is kept
             with self._lock:
                 if self.active.get(job["user"]) == jid:
                     self.active.pop(job["user"])
@@ -225,24 +317,38 @@ class Jobs:
                     self._save(job)
 
 
+    def _error_text(self, e: Exception) -> str:
+        """What a failed job's record says: a properlm error's message (the run's path as ``RUN``),
+        only the type of any other error (its message may name server paths or the user's data)."""
+        if isinstance(e, ProperError):
+            text = str(e).replace(str(self.run_dir.resolve()), "RUN").replace(str(self.run_dir), "RUN")
+            return " ".join(f"{type(e).__name__}: {text}".split())
+        return f"internal error ({type(e).__name__}); the server log has the details"
+
+
 def forget_serve_state(run_dir: str | Path, user: str, keys: bool = True) -> int:
-    """Remove what the server keeps of a user in ``RUN/serve``: job records, upload, API keys; how many files."""
+    """Remove what the server keeps of a user in ``RUN/serve``: job records, uploads, API keys; how many files."""
     root = Path(run_dir) / "serve"
     if not root.is_dir():
         return 0
     n = 0
+    uploads = {f"{user_hash(user)}.jsonl"}  # an older server's upload, named by the user's hash
     for p in sorted((root / "jobs").glob("*.json")) if (root / "jobs").is_dir() else []:
         try:
-            mine = read_json(p).get("user") == user
+            rec = read_json(p)
+            mine = rec.get("user") == user
         except ProperError:
-            mine = True  # unreadable: it may be theirs
+            rec, mine = {}, True  # unreadable: it may be theirs
         if mine:
+            if rec.get("upload"):
+                uploads.add(rec["upload"])
             p.unlink(missing_ok=True)
             n += 1
-    up = root / "uploads" / f"{user_hash(user)}.jsonl"
-    if up.exists():
-        up.unlink()
-        n += 1
+    for name in sorted(uploads):
+        up = root / "uploads" / name
+        if up.exists():
+            up.unlink()
+            n += 1
     if keys:
         from properlm.serve.keys import Keys
 
