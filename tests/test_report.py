@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from properlm.config import to_dict
+from properlm.config import save_config, to_dict
 from properlm.evaluate.report import (ablation_flags, build_tables, efficiency_rows, markdown_table, report,
                                       run_kind, stage_timing)
 from properlm.run_config import DataConfig, GroupConfig, RunConfig, UserConfig
@@ -23,6 +23,43 @@ def _result(name: str, mae: float, data=None, group=None, user=None, methods=("s
     return {"run_dir": f"/nonexistent/{name}", "task": "LaMP-3", "lamp_id": "LaMP_3", "config": cfg,
             "methods": {m: {"metrics": {"mae": mae + i, "rmse": mae + i + 1}, "per_user": per_user}
                         for i, m in enumerate(methods)}}
+
+
+def write_eval_run(root, name: str, users: dict, methods: dict, task: str = "LaMP-3", data=None):
+    """A run directory as ``properlm evaluate`` leaves it, without a model: config, ``eval/golds.json``
+    (each query naming its user) and, per method, predictions, scores and per-user scores.
+
+    Args:
+        users: user id -> (history length, [gold answer per query]).
+        methods: method -> user id -> [answer per query].
+        data: the run's DataConfig (default: the main split).
+    """
+    from properlm.data.tasks import get_task
+    from properlm.evaluate.metrics import score
+
+    t = get_task(task)
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    save_config(RunConfig(base_model="tiny-random", data=data or DataConfig()), run / "config.yaml")
+    qid = {(u, j): f"{u}-q{j}" for u, (_, golds) in users.items() for j in range(len(golds))}
+    golds = [{"id": qid[u, j], "output": g, "user_id": u} for u, (_, gs) in users.items() for j, g in enumerate(gs)]
+    (run / "eval" / "golds.json").write_text(json.dumps({"task": t.lamp_id, "golds": golds}))
+    summary = {"run_dir": str(run), "task": t.name, "lamp_id": t.lamp_id, "methods": {}}
+    for m, answers in methods.items():
+        d = run / "eval" / m
+        d.mkdir()
+        preds = [{"id": qid[u, j], "output": p, "user_id": u} for u, ps in answers.items() for j, p in enumerate(ps)]
+        (d / "predictions.json").write_text(json.dumps({"task": t.lamp_id, "golds": preds}))
+        every = [p for u in users for p in answers[u]], [g for u in users for g in users[u][1]]
+        metrics = score(t.kind, *every, t.labels)
+        per_user = [{"user_id": u, "history_len": h, "n_queries": len(gs), **score(t.kind, answers[u], gs, t.labels)}
+                    for u, (h, gs) in users.items()]
+        entry = {"method": m, "task": t.name, "n_users": len(users), "n_queries": len(golds), "metrics": metrics}
+        (d / "scores.json").write_text(json.dumps(entry))
+        (d / "per_user.json").write_text(json.dumps(per_user))
+        summary["methods"][m] = {"metrics": metrics, "n_users": len(users), "n_queries": len(golds)}
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    return run
 
 
 def _runs() -> list[dict]:
@@ -124,3 +161,17 @@ def test_efficiency_from_saved_tensors_and_log_timestamps(tmp_path):
     assert rows["group"]["train_seconds"] is None  # no log
     assert rows["user"]["params_per_user"] == 48 and rows["user"]["n_users"] == 2
     assert rows["user"]["train_seconds"] == 2.0 and rows["user"]["seconds_per_user"] == 1.0
+
+
+def test_report_resamples_users_and_prints_users_and_queries_beside_each_interval(tmp_path):
+    """12 users x 4 queries; PROPER is exact on every query of 8 users and off by 2 on the other 4."""
+    users = {f"u{i:02d}": (10 + i, ["3"] * 4) for i in range(12)}
+    proper = {u: ["3"] * 4 if i < 8 else ["5"] * 4 for i, u in enumerate(users)}
+    run = write_eval_run(tmp_path, "main", users, {"stage1": {u: ["4"] * 4 for u in users}, "proper": proper})
+    out = report([run], tmp_path / "rep", figures=False)
+    (b,) = out["bootstrap"]
+    assert (b["other"], b["n_users"], b["n_queries"]) == ("stage1", 12, 48)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| task | vs | metric | difference | 95% interval | users | queries | beyond noise |" in md
+    assert f"| LaMP-3 | stage1 | abs_error | {b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] | 12 | 48 |" in md
+    assert "resamples of the users" in md

@@ -289,10 +289,15 @@ def markdown_head(cols: Sequence[str]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in cols) + "|"]
 
 
+#: The header cells that :func:`bootstrap_cells` fills.
+BOOTSTRAP_HEAD = "difference | 95% interval | users | queries | beyond noise"
+
+
 def bootstrap_cells(b: dict) -> str:
-    """A bootstrap comparison's difference, 95% interval and verdict as Markdown cells."""
-    return (f"{b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] | "
-            f"{'yes' if b['better'] else 'no'}")
+    """A bootstrap comparison's difference, 95% interval, the users and queries it rests on, and its
+    verdict as Markdown cells (see :data:`BOOTSTRAP_HEAD`)."""
+    return (f"{b['diff']:+.4f} | [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}] | {b.get('n_users', '')} | "
+            f"{b.get('n_queries', b.get('n', ''))} | {'yes' if b['better'] else 'no'}")
 
 
 def markdown_table(table: dict) -> str:
@@ -322,15 +327,21 @@ def per_user_rows(results: Sequence[dict]) -> tuple[list[dict], list[str]]:
     return rows, ["run", "task", "method", "user_id", "history_len", "n_queries", *dict.fromkeys(metrics)]
 
 
+def decoding_suffixes(methods) -> list[str]:
+    """The decoding suffixes among method names, free generation (``""``) first: ``["", "@labels", ...]``."""
+    return list(dict.fromkeys(["", *sorted({"@" + m.split("@", 1)[1] for m in methods if "@" in m})]))
+
+
 def bootstrap_rows(mains: dict[str, dict]) -> list[dict]:
-    """PROPER against stage 1 and OPPU (each decoding alike) in every main run whose predictions are on disk."""
+    """PROPER against stage 1, stage 2 and OPPU (each decoding alike) in every main run whose predictions
+    are on disk, by a paired bootstrap over the run's users (:func:`properlm.evaluate.stats.compare`)."""
     from properlm.evaluate.stats import compare
 
     rows = []
     for task, r in mains.items():
         if not (Path(r["run_dir"]) / "eval" / "golds.json").exists():
             continue
-        for suffix in ("", "@labels", "@expected"):
+        for suffix in decoding_suffixes(r["methods"]):
             if "proper" + suffix not in r["methods"]:
                 continue
             for other in ("stage1", "stage2", "oppu-mlp", "oppu-kv"):
@@ -396,10 +407,12 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
         md += [f"## {t['title']}", "", markdown_table(t), ""]
     boot = bootstrap_rows(main_runs(results))
     if boot:
-        md += ["## PROPER against the baselines, paired bootstrap", "",
-               "Difference of per-query means (PROPER minus the other method; 10,000 resamples of the queries), "
-               "its 95% interval, and whether the whole interval is on PROPER's better side.", "",
-               "| task | vs | metric | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
+        md += ["## PROPER against the baselines, paired bootstrap over users", "",
+               "Difference of per-query means (PROPER minus the other method), its 95% interval from 10,000 "
+               "resamples of the users (each drawn user with all their queries: a user's queries share one "
+               "adapter, so they are not independent), the users and queries it rests on, and whether the "
+               "whole interval is on PROPER's better side.", "",
+               f"| task | vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|---|"]
         md += [f"| {b['task']} | {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
     if ari is not None:

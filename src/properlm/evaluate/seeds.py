@@ -1,4 +1,4 @@
-"""Tables over several seeds: mean and standard deviation per cell, and a bootstrap over every seed's queries.
+"""Tables over several seeds: mean and standard deviation per cell, and a bootstrap over every seed's users.
 
     properlm experiments --out runs/seeds --seeds 0,1,2 data.synth_queries=10     # one grid per seed
     from properlm.evaluate.seeds import seeds_report
@@ -8,9 +8,11 @@ Each seed's grid (``OUT/seed-<s>/``) has its own report (``OUT/seed-<s>/report/`
 This combines them: every numeric cell of Tables 1-3 and the expert sweep as
 mean ± standard deviation over the seeds (sample standard deviation, n-1), and
 PROPER against stage 1, stage 2 and the OPPU baselines by a paired bootstrap on
-the per-query scores of all seeds' main runs together (each seed's queries are
-its own; a seed changes the data draw of a synthetic task as well as the
-initialisations and the data order).
+the per-query scores of all seeds' main runs together, resampling (seed, user)
+pairs: each pair is one cluster, drawn with all its queries (a user's queries in
+one seed share that seed's adapter; a seed changes the data draw of a synthetic
+task as well as the initialisations and the data order, so the same user id in
+two seeds is two clusters).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Mapping
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.report import bootstrap_cells, markdown_head
-from properlm.evaluate.stats import aligned, judged, paired_bootstrap
+from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_head
+from properlm.evaluate.stats import aligned_users, cluster_bootstrap, judged
 from properlm.io import read_json, write_json, write_text
 
 #: the tables combined over seeds (the efficiency table is per run, not a score)
@@ -66,18 +68,20 @@ def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict
 
 
 def pooled_bootstrap(main_runs: list[str | Path], method: str, other: str, n: int = 10000) -> dict | None:
-    """``method`` minus ``other`` over the queries of every run (paired within each run); None if absent."""
-    a_all, b_all, name = [], [], None
-    for run in main_runs:
+    """``method`` minus ``other`` over the queries of every run (paired within each run), resampling
+    (run, user) pairs with all their queries; None if absent. ``n_users`` counts the pairs."""
+    a_all, b_all, clusters, name = [], [], [], None
+    for i, run in enumerate(main_runs):
         try:
-            a, b, name = aligned(run, method, other)
+            a, b, users, name = aligned_users(run, method, other)
         except ProperError:  # a method not evaluated in this run
             continue
         a_all.append(a)
         b_all.append(b)
-    if not sum(len(x) for x in a_all):
+        clusters += [(i, u) for u in users]
+    if not clusters:
         return None
-    res = paired_bootstrap(np.concatenate(a_all), np.concatenate(b_all), n=n)
+    res = cluster_bootstrap(np.concatenate(a_all), np.concatenate(b_all), clusters, n=n)
     return {**judged(res, method, other, name), "runs": len(a_all)}
 
 
@@ -116,9 +120,10 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
     if boot:
         md += ["## PROPER against the baselines, all seeds' queries", "",
                "Paired bootstrap (10,000 resamples) of the per-query difference, PROPER minus the other method, "
-               "over the held-out queries of every seed's main run together.", "",
-               "| vs | metric | queries | difference | 95% interval | beyond noise |", "|---|---|---|---|---|---|"]
-        md += [f"| {b['other']} | {b['metric']} | {b['n']} | {bootstrap_cells(b)} |" for b in boot]
+               "over the held-out queries of every seed's main run together, resampling (seed, user) pairs with "
+               "all their queries; users counts those pairs.", "",
+               f"| vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|"]
+        md += [f"| {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
     write_text(out / "report.md", "\n".join(md) + "\n")
     summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,
