@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 
@@ -106,3 +109,36 @@ def test_the_mean_embedding_when_fitting_is_off(fresh_lm, tok, h, tmp_path):
     cfg = h.small_cfg(data=dict(split="oppu"))
     train(cfg, tmp_path / "fit", stages=("population", "group"))
     assert all(u in open_bank(tmp_path / "fit", "emb") for u in split["target"])
+
+
+def test_stage_3_trains_with_the_targets_fitted_stage_2_embeddings(stage2, tok, h, tmp_path):
+    """Stage 3 binds each target's fitted stage-2 embedding (the LoRA-aware router's carried-over term reads it).
+    With the LoRAs at zero its first step is stage 2 with those embeddings: the first logged loss is the targets'
+    loss with their fitted embeddings, not with the fallback (the mean embedding), and the LoRAs it trains
+    depend on the embedding."""
+    from properlm.model.device import autocast
+    from properlm.store.cache import UserCache
+    from properlm.train.user import train_users
+
+    cfg, pm = stage2
+    unseen = h.make_examples({"tx": "love", "ty": "hate"}, n=4)
+    fit_unseen(cfg, tmp_path, pm, tok, unseen)
+    pm.user_embs = None
+    pm_again = copy.deepcopy(pm)  # stage 3 trains the shared router in place: a second run starts from a copy
+    pm.user_embs = UserCache(open_bank(tmp_path, "emb"))
+    with autocast(True):  # training's precision (bf16 autocast, as in every test here)
+        fitted = (h.mean_nll(pm, tok, unseen[:4], emb=True) + h.mean_nll(pm, tok, unseen[4:], emb=True)) / 2
+        fallback = (h.mean_nll(pm, tok, unseen[:4]) + h.mean_nll(pm, tok, unseen[4:])) / 2
+    assert fitted < fallback - 0.1, (fitted, fallback)
+    ucfg = h.small_cfg(user=dict(max_steps=1, users_per_step=2, per_user_batch=4))
+    store = train_users(ucfg, tmp_path / "s3", pm, tok, unseen)
+    first = json.loads((tmp_path / "s3" / "logs" / "user.jsonl").read_text().splitlines()[0])["loss"]
+    assert first == pytest.approx(fitted, abs=0.02), (first, fitted, fallback)  # bf16 rounding; fallback: > 0.1 away
+    # The same training with tx's embedding moved elsewhere in the bank trains another LoRA for tx (and the same for ty).
+    bank = open_bank(tmp_path, "emb")
+    bank.put("tx", {"params": {k: v + 0.5 for k, v in bank.get("tx")["params"].items()}})
+    pm_again.user_embs = UserCache(bank)
+    other = train_users(ucfg, tmp_path / "s3-moved", pm_again, tok, unseen)
+    lora = lambda st, u: torch.cat([v.flatten() for v in st.get(u)["params"].values()])  # noqa: E731
+    assert (lora(other, "tx") - lora(store, "tx")).abs().max() > 1e-4
+    torch.testing.assert_close(lora(other, "ty"), lora(store, "ty"), atol=1e-6, rtol=0)
