@@ -214,6 +214,36 @@ def test_per_site_ari_sees_a_partition_that_the_site_average_blurs(run, monkeypa
     assert figures.routing_ari(run.main) < 0.99
 
 
+def test_stage2_and_proper_route_targets_with_their_fitted_embeddings(run, tmp_path, monkeypatch):
+    """The targets were not in stage 2; their embeddings were fitted on their own history after it (the default
+    group.unseen=fit) and every stage2 and proper row carries its own user's, not the fallback (None)."""
+    import properlm.model.generate as gen
+    from properlm.data.tasks import get_task
+
+    copy = _copy(run.main, tmp_path / "run")
+    _, _, targets = load_targets(copy)
+    split = json.loads((copy / "split.json").read_text())
+    bank = open_bank(copy, "emb")
+    assert all(u.id in bank and u.id not in split["train"] for u in targets)
+    task = get_task("synth-cls")
+    owners = {}
+    for u in targets:
+        for q in u.queries:
+            owners.setdefault(task.query_prompt(q), set()).add(u.id)
+    seen = {}
+
+    def fake(model, tok, prompts, lora_users=None, emb_users=None, **kwargs):
+        seen.setdefault(model.user_loras is not None, []).extend(zip(prompts, lora_users, emb_users))
+        return ["love"] * len(prompts)
+
+    monkeypatch.setattr(gen, "generate", fake)
+    evaluate_run(copy, methods=["stage2", "proper"], progress=False)
+    n_rows = sum(len(u.queries) for u in targets)
+    assert len(seen[False]) == len(seen[True]) == n_rows
+    assert all(lora is None and emb in owners[p] for p, lora, emb in seen[False])  # stage2: the fitted embedding
+    assert all(lora == emb and emb in owners[p] for p, lora, emb in seen[True])    # proper: LoRA and embedding
+
+
 def test_end_to_end_targets_route_with_their_own_embeddings(run, tmp_path, monkeypatch):
     import properlm.model.generate as gen
 

@@ -7,9 +7,12 @@ stage 3 personalises; none of them trained stages 1-2), on the run's base model:
 
 =========  ===================================================================
 stage1     the merged stage-1 model: the non-personalised baseline
-stage2     + the stage-2 group experts; target users are unseen there, so the
-           user-aware router uses its fallback (the mean learned embedding)
-proper     + each user's stage-3 LoRA and the LoRA-aware router (the method)
+stage2     + the stage-2 group experts; target users were not in stage 2, so each
+           routes with an embedding fitted on their own history after it
+           (``group.unseen=fit``, the default; ``mean``: the fallback, the mean
+           learned embedding)
+proper     + each user's stage-3 LoRA and the LoRA-aware router, which also
+           reads that stage-2 embedding (the method)
 rag        stage 1 with the user's top-1 BM25 history item prepended (LaMP)
 pag        rag with a base-LLM-written profile of the user in front (OPPU)
 oppu-kv    stage 1 + a LoRA per user on attention k, v (trained when missing)
@@ -212,10 +215,13 @@ def _rows(method: str, model, cfg: RunConfig, run_dir: Path, task: Task, targets
           ) -> list[tuple[str, str, str | None, str | None]]:
     """(query id, prompt, LoRA user, embedding user) for every target query, labelled or not.
 
-    A row's user is its LoRA user when the method has user LoRAs, and its
-    embedding user when the model learned an embedding for that user (only in
-    the end-to-end ablation: targets are otherwise unseen in stage 2 and route
-    with the fallback).
+    A row's user is its LoRA user when the method has user LoRAs, and, for
+    stage2 and proper, its embedding user when the run's embedding bank holds
+    an embedding for that user: a target's embedding fitted on their own
+    history after stage 2 (``group.unseen=fit``, the default) or, in the
+    end-to-end ablation, learned with everything else. Otherwise (``unseen=mean``,
+    a text router) there is none and the router uses its fallback, the mean
+    learned embedding.
     """
     embs = getattr(model, "user_embs", None)
     profiles = {}
