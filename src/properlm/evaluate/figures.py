@@ -9,6 +9,10 @@
   PROPER's users should spread away from the uniform ``1/K``.
 * ``score_vs_history.png``: each method's per-user score against the user's
   history length (points and the mean per log-spaced bin).
+* ``gains_by_history.png`` (:func:`plot_gains`, drawn by the report from
+  :mod:`properlm.evaluate.gains`): each method's gain over stage 1 per tercile of
+  the targets' history length (and the low-resource run's targets), with 95%
+  intervals over users.
 
 A user's mean expert weights are the stage-2 routing weights averaged over the
 tokens of their history examples and over all adapted sites (``pm.bind(...,
@@ -229,6 +233,40 @@ def plot_score_vs_history(result: dict, out_path: str | Path) -> Path:
     ax.xaxis.set_minor_formatter(plain)
     ax.set(xlabel="history length (items)", ylabel=metric, title=f"{result['task']}: {metric} by user activity")
     ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out_path)
+
+
+def plot_gains(rows: list[dict], out_path: str | Path, title: str = "") -> Path:
+    """Gains over stage 1 with their 95% intervals: one point and whisker per user group (x) and method,
+    one panel per decoding (rows of :func:`properlm.evaluate.gains.figure_rows`)."""
+    from properlm.evaluate.gains import GAIN_METHODS
+
+    rank = {m: i for i, m in enumerate(GAIN_METHODS)}
+    decodings = list(dict.fromkeys(r["method"].partition("@")[2] for r in rows))
+    fig, axes = plt.subplots(1, len(decodings), figsize=(1.6 + 3.6 * len(decodings), 4), sharey=True, squeeze=False)
+    colors: dict[str, str] = {}
+    for ax, dec in zip(axes[0], decodings):
+        mine = [r for r in rows if r["method"].partition("@")[2] == dec]
+        cats = list(dict.fromkeys(r["category"] for r in mine))
+        methods = sorted(dict.fromkeys(r["method"] for r in mine), key=lambda m: rank.get(m.partition("@")[0], 99))
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            pts = [r for r in mine if r["method"] == m]
+            x = np.array([cats.index(r["category"]) for r in pts]) + (j - (len(methods) - 1) / 2) * width
+            y = np.array([r["gain"] for r in pts])
+            err = np.array([[max(0.0, r["gain"] - r["ci_low"]) for r in pts], [max(0.0, r["ci_high"] - r["gain"])
+                                                                             for r in pts]])
+            base = m.partition("@")[0]
+            line = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=m, color=colors.get(base))
+            colors.setdefault(base, line[0].get_color())
+        ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(cats)), cats, fontsize=7)
+        ax.set(title=f"decoding @{dec}" if dec else "free generation", xlim=(-0.5, len(cats) - 0.5))
+        ax.legend(fontsize=7)
+    metric = rows[0]["metric"] if rows else ""
+    what = {"correct": "accuracy", "abs_error": "absolute error, stage 1's minus the method's"}.get(metric, metric)
+    axes[0][0].set_ylabel(f"gain over stage 1 ({what})")
+    fig.suptitle(title or "Gain over stage 1 by history length (95% intervals over users)", fontsize=10)
     return _save(fig, out_path)
 
 

@@ -19,9 +19,18 @@ give one column group per task):
   the timestamps in ``RUN/logs/<stage>.jsonl``; a stage's time is the span of its
   step records scaled by ``n/(n-1)`` to count the first step).
 
+* **Who gains** (``gains``; :mod:`properlm.evaluate.gains`): in every run whose
+  predictions are on disk, stage 2, PROPER and OPPU against stage 1 per tercile of
+  the targets' history length and over all targets (the low-resource split in a
+  low-resource run), with 95% intervals over users; figure ``gains_by_history.png``
+  per task (the main run's terciles and the low-resource run's targets).
+
+Every interval resamples users (each with all their queries), not queries, and
+says how many users and queries it rests on.
+
 Files in ``out_dir``: ``report.md``, ``report.json``, ``<table>.csv`` for each
-table, ``per_user.csv`` (every run, method and user: history length, metrics)
-and the figures of :mod:`properlm.evaluate.figures` (PNG).
+table, ``gains.csv``, ``per_user.csv`` (every run, method and user: history
+length, metrics) and the figures of :mod:`properlm.evaluate.figures` (PNG).
 """
 
 from __future__ import annotations
@@ -350,6 +359,34 @@ def bootstrap_rows(mains: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def gains_section(results: Sequence[dict], out: Path, figures: bool) -> tuple[list[dict], dict[str, Path]]:
+    """The who-gains rows of every run (written to ``gains.csv``) and, with ``figures``, one PNG per task."""
+    from properlm.evaluate import gains
+
+    rows = [row for r in results for row in gains.gain_rows(r, run_kind(r["config"]))]
+    if not rows:
+        return rows, {}
+    write_csv(out / "gains.csv", rows, gains.COLUMNS)
+    figs: dict[str, Path] = {}
+    if figures:
+        from properlm.evaluate.figures import plot_gains
+
+        mains = main_runs(results)
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        shown_runs = {g["run_dir"] for g in rows}
+        for task in tasks:
+            ran = [r for r in results if r["task"] == task and str(Path(r["run_dir"])) in shown_runs]
+            low = next((str(Path(r["run_dir"])) for r in ran if run_kind(r["config"]) == "low-resource"), None)
+            main = mains.get(task)
+            primary = str(Path(main["run_dir"])) if any(r is main for r in ran) else (low or str(Path(ran[0]["run_dir"])))
+            shown = gains.figure_rows(rows, primary, low if low != primary else None)
+            if shown:
+                prefix = f"{task}_" if len(tasks) > 1 else ""
+                figs[f"{prefix}gains_by_history"] = plot_gains(shown, out / f"{prefix}gains_by_history.png",
+                                                               f"{task}: gain over stage 1 by history length")
+    return rows, figs
+
+
 def decoding_note(results: Sequence[dict]) -> str:
     """What decoding the reported methods used (LaMP's free generation unless a method says otherwise)."""
     from properlm.evaluate.evaluate import decoding_of
@@ -374,8 +411,8 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
         figures: also draw the figures (they need the main run's directory).
 
     Returns:
-        ``{"tables": {name: table}, "figures": {name: path}, "routing_ari": float | None,
-        "routing_ari_per_site": float | None,
+        ``{"tables": {name: table}, "bootstrap": [PROPER vs baselines], "gains": [who-gains rows],
+        "figures": {name: path}, "routing_ari": float | None, "routing_ari_per_site": float | None,
         "files": [paths written]}``.
     """
     from properlm.evaluate.figures import make_figures
@@ -400,7 +437,9 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
                                          prefix=f"{task}_" if len(mains) > 1 else "")
             figs.update(got)
             ari = ari_task if ari is None else ari
-    files += list(figs.values())
+    gain_rows, gain_figs = gains_section(results, out, figures)
+    figs.update(gain_figs)
+    files += list(figs.values()) + ([out / "gains.csv"] if gain_rows else [])
     md = ["# PROPER evaluation report", "", "Runs: " + ", ".join(f"`{r['run_dir']}`" for r in results), ""]
     md += [decoding_note(results), ""]
     for t in tables.values():
@@ -415,6 +454,15 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
                f"| task | vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|---|"]
         md += [f"| {b['task']} | {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
+    if gain_rows:
+        from properlm.evaluate.gains import TITLE, markdown as gains_markdown
+
+        md += [f"## {TITLE}", "",
+               "Per run, method and group of target users (terciles of history length, sparsest first; then all "
+               "targets): the improvement over stage 1 decoded alike on the per-query metric (for absolute error, "
+               "stage 1's minus the method's: positive is better), its 95% interval from 10,000 resamples of the "
+               "group's users (each with all their queries), and the users and queries it rests on.", "",
+               gains_markdown(gain_rows), ""]
     if ari is not None:
         md += ["## Routing vs planted groups", "",
                "Adjusted Rand index between the training users clustered (KMeans) by their mean stage-2 expert "
@@ -423,7 +471,7 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
                ""]
     md += [f"![{name}]({Path(p).name})\n" for name, p in figs.items()]
     write_text(out / "report.md", "\n".join(md) + "\n")
-    summary = {"runs": [r["run_dir"] for r in results], "tables": tables, "bootstrap": boot,
+    summary = {"runs": [r["run_dir"] for r in results], "tables": tables, "bootstrap": boot, "gains": gain_rows,
                "routing_ari": ari["site_mean"] if ari else None, "routing_ari_per_site": ari["per_site"] if ari else None,
                "figures": {k: str(v) for k, v in figs.items()}}
     write_json(out / "report.json", summary)

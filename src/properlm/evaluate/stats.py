@@ -136,10 +136,15 @@ def aligned_users(run_dir: str | Path, method: str, other: str, metric: str | No
     return a, b, [owners[q] for q in ids], name
 
 
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger per-query value is better (False for errors such as ``abs_error``)."""
+    return next((h for m, h in PER_QUERY.values() if m == metric), metric not in ("abs_error", "squared_error"))
+
+
 def judged(res: dict, method: str, other: str, metric: str) -> dict:
     """``res`` (a :func:`paired_bootstrap`) with the names and ``better``: the whole 95% interval on
     ``method``'s better side of zero (for errors, lower is better)."""
-    higher = next((h for m, h in PER_QUERY.values() if m == metric), metric != "abs_error")
+    higher = higher_is_better(metric)
     lo, hi = res["ci95"]
     return {**res, "method": method, "other": other, "metric": metric,
             "better": bool(lo > 0) if higher else bool(hi < 0)}
