@@ -225,3 +225,36 @@ def test_history_times_that_sort_are_accepted(server):
     r = server.http("POST", "/v1/users/timely-8c3/history", content=body.encode())
     assert r.status_code == 202, r.text
     assert _wait(server, r.json()["job"]["id"])["state"] == "done"
+
+
+def test_an_unhandled_error_is_a_500_logged_without_its_message(tmp_path, caplog):
+    """An exception no handler takes is answered here, logged with its type and where it was raised but not its
+    message (which may quote the request); left to uvicorn, it would be logged whole."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    import httpx
+
+    from properlm.serve.app import create_app
+    from properlm.serve.settings import ServeConfig
+
+    def identity(request):
+        raise RuntimeError(f"no such key {request.headers['authorization']}")
+
+    stub = SimpleNamespace(start=lambda: None, close=lambda: None, identity=identity, model_ids=lambda ident: [])
+    app = create_app(ServeConfig(run=tmp_path), stub)
+
+    async def ask():
+        # raise_app_exceptions: an error escaping the application fails the test (uvicorn would log it whole)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/v1/models", headers={"Authorization": "Bearer sEcReT-123"})
+
+    with caplog.at_level(logging.INFO, logger="properlm.serve"):
+        r = asyncio.run(ask())
+    assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+    text = caplog.text
+    assert "unhandled error in GET /v1/models" in text and "RuntimeError" in text
+    assert "sEcReT-123" not in text  # the code lines of the traceback are there, the values are not
+    assert "GET /v1/models 500" in text  # the access log

@@ -139,10 +139,42 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            method = scope.get("method", "")
-            route = getattr(scope.get("route"), "path", None) or "-"
-            access_log.info("%s %s %s %.1fms", method if method in METHODS else "OTHER", route,
-                            status[0] if status else 500, 1000 * (time.perf_counter() - t0))
+            access_log.info("%s %s %.1fms", _route(scope), status[0] if status else 500,
+                            1000 * (time.perf_counter() - t0))
+
+
+class Unhandled:
+    """ASGI middleware: an exception no handler took is answered 500 here and logged without its message.
+
+    Left to Starlette and uvicorn, it would be re-raised and logged with its message, which may quote
+    what the client sent (an id, a key).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = []
+
+        async def send_started(msg):
+            if msg["type"] == "http.response.start":
+                started.append(True)
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_started)
+        except Exception as e:
+            log_failure(log, f"unhandled error in {_route(scope)}", e)
+            if not started:  # else the response (a stream) is cut short
+                await _error(500, f"internal error: {type(e).__name__}", "server_error")(scope, receive, send)
+
+
+def _route(scope) -> str:
+    """``METHOD /route/{template}`` of a request, with nothing the client chose (``-``: no route matched)."""
+    method = scope.get("method", "")
+    return f"{method if method in METHODS else 'OTHER'} {getattr(scope.get('route'), 'path', None) or '-'}"
 
 
 class Server:
@@ -292,7 +324,8 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     app = FastAPI(title="properlm", lifespan=lifespan)
     app.state.server = srv
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
-    app.add_middleware(AccessLog)  # outermost: it times and logs the 413s too
+    app.add_middleware(Unhandled)  # any error no handler took: a 500, logged without its message
+    app.add_middleware(AccessLog)  # outermost: it times and logs the 413s and 500s too
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -319,12 +352,6 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         return _error(e.status_code, str(e.detail), "invalid_request_error")
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, e: Exception):
-        route = getattr(request.scope.get("route"), "path", None) or "-"
-        log_failure(log, f"unhandled error in {request.method if request.method in METHODS else 'OTHER'} {route}", e)
-        return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
     # -- generation -----------------------------------------------------------------------------
     async def generate(request: Request, body, chat: bool):

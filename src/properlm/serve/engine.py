@@ -31,6 +31,7 @@ import torch
 
 from properlm.model.decoding import DecodeBatch, Row, choose
 from properlm.model.generate import stop_ids
+from properlm.serve.settings import log_failure
 
 log = logging.getLogger("properlm.serve")
 
@@ -157,9 +158,9 @@ class Engine:
                 self._admit(take)
                 if self.active:
                     self._step()
-            except Exception:  # a bug must not take every later request down with it
-                log.exception("decoding step failed")
-                # The details go to the log only: they may name another request's user.
+            except Exception as e:  # a bug must not take every later request down with it
+                # Where it failed goes to the log, not its message (it may name a request's user).
+                log_failure(log, "decoding step failed", e)
                 for r in [*self.active, *take]:
                     self._fail(r, 500, "internal error while decoding")
                 self.active = []
@@ -213,8 +214,8 @@ class Engine:
                 continue
             try:
                 t = choose(logits[i], r.temperature, r.top_p, None, r.generator)
-            except Exception:  # one row's sampling settings must not fail the others
-                log.exception("sampling failed for one request")
+            except Exception as e:  # one row's sampling settings must not fail the others
+                log_failure(log, "sampling failed for one request", e)
                 self._fail(r, 500, "internal error while sampling")
                 done.add(r)
                 continue
