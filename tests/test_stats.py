@@ -110,3 +110,23 @@ def test_query_users_need_a_user_per_query(tmp_path):
     run = _fake_run(tmp_path, "r", "LaMP-3", ["3"] * 4, {"proper": ["3"] * 4}, per_user=None)
     with pytest.raises(ProperError, match="does not name each query's user"):
         query_users(run)
+
+
+def test_query_users_of_an_older_run_come_from_its_split(tmp_path):
+    """A run evaluated before golds.json named users: the owners are read back from split.json and the data."""
+    from properlm.config import save_config
+    from properlm.data.splits import split_users
+    from properlm.run_config import DataConfig, RunConfig
+    from properlm.train.run import load_data
+
+    cfg = RunConfig(base_model="tiny-random", data=DataConfig(synth_users=8, n_targets=3))
+    train, targets = split_users(load_data(cfg), n=3)
+    owners = {q.id: u.id for u in targets for q in u.queries}
+    assert len(owners) == 9  # 3 targets x 3 held-out queries
+    run = _fake_run(tmp_path, "old", "synth-cls", ["love"] * len(owners), {}, per_user=None)
+    golds = [{"id": q, "output": "love"} for q in owners]
+    (run / "eval" / "golds.json").write_text(json.dumps({"golds": golds}))
+    save_config(cfg, run / "config.yaml")
+    (run / "split.json").write_text(json.dumps({"task": "synth-cls", "train": [u.id for u in train],
+                                                "target": [u.id for u in targets]}))
+    assert query_users(run) == owners
