@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from test_serve import ADMIN, PROMPT, RemoteServer, run, server, targets  # noqa: F401 (fixtures)
+from test_serve import ADMIN, PROMPT, run, server, targets  # noqa: F401 (run, server, targets: fixtures)
 
 pytestmark = pytest.mark.slow
 

@@ -69,7 +69,9 @@ def check_record(rec: object, n: int) -> None:
 
 
 def _kind(v: object) -> str:
-    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(v), type(v).__name__)
+    """A JSON value's kind, in words (never the value: it is the user's data)."""
+    kinds = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}
+    return kinds.get(type(v), type(v).__name__)
 
 
 def _is_time(t: object) -> bool:
