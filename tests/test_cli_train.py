@@ -117,3 +117,11 @@ def test_users_add_trains_only_the_new_user_and_delete_removes_them(tmp_path, h)
     from properlm import load_run
     assert split["target"][0] not in load_run(run).users
     shutil.rmtree(run)
+
+
+@pytest.mark.parametrize("bad", ["base", "properlm", "..", "a\nb", "x" * 129])
+def test_users_add_refuses_ids_the_server_could_not_tell_apart(trained, capsys, bad):
+    """The id rule of the server's onboarding (properlm.user_ids), from the command line too."""
+    assert main(["users", "add", "--run", str(trained), "--users", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("properlm: error:") and "\n" not in err and "user id" in err

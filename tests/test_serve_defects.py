@@ -139,9 +139,6 @@ def test_the_access_log_names_routes_and_nothing_a_client_sent(server, targets):
     assert all(h[i:i + 12] not in log for i in range(0, 52, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="the onboarding job's progress bar is named add-users/<16 hex digits of "
-                                       "sha256(user id)> by properlm.train.users.add_stage: needs add_users to take "
-                                       "progress=False from the server (see the report of this change)")
 def test_an_onboarding_job_logs_nothing_derived_from_the_user(run, tmp_path):
     """A run whose config shows progress bars: the server's job must not print one named after the user."""
     copy = _copy(run, tmp_path, progress=True)

@@ -303,7 +303,8 @@ class Jobs:
                     raise ProperError("the upload of this job is gone (send the history again)") from None
                 examples = parse_history(body, user, self.root / "tmp" / f"{uuid.uuid4().hex}.jsonl")
                 job["trained_records"] = len(examples)
-                add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step)
+                add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step,
+                          progress=False)
                 job["state"], job["progress"]["step"] = DONE, job["progress"].get("steps") or 0
                 self.on_done(user)
             except Cancelled:

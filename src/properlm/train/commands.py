@@ -128,7 +128,7 @@ def cmd_users_list(args: argparse.Namespace) -> int:
 
     bank = open_bank(args.run, LORA)
     for u in (bank.users() if bank is not None else []):
-        print(u)
+        print(u if u.isprintable() else repr(u))  # an id from before the id rule must not break lines
     return 0
 
 

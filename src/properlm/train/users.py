@@ -14,6 +14,7 @@ targets did in stage 2. (Deleting users is :func:`properlm.forget.forget_users`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -23,12 +24,13 @@ from properlm.data import load_dataset
 from properlm.data.tasks import get_task
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json
-from properlm.store.run import load_model, read_config, read_split, refuse_pending_forgets, stages_done
+from properlm.store.run import LORA, load_model, open_bank, read_config, read_split, refuse_pending_forgets, stages_done
 from properlm.train.examples import Example, user_examples
 from properlm.train.group import fit_unseen
 from properlm.train.multiuser import Cancelled
 from properlm.train.run import load_data
 from properlm.train.user import train_users
+from properlm.user_ids import check_user_id
 
 ADD_STAGE = "add-users"
 
@@ -57,8 +59,11 @@ def history_examples(run_dir: str | Path, user_ids: list[str], data: str | Path 
 
 def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None = None,
               examples: list[Example] | None = None, resume: bool = False,
-              on_step: Callable[[int, int], bool] | None = None) -> list[str]:
+              on_step: Callable[[int, int], bool] | None = None, progress: bool | None = None) -> list[str]:
     """Train (or refresh) the LoRAs of ``user_ids`` in a finished run; returns the ids trained.
+
+    A new user's id must follow :func:`properlm.user_ids.check_user_id` (users already in the run
+    are refreshed whatever their id).
 
     Args:
         run_dir: a run with all three stages.
@@ -70,13 +75,21 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         on_step: called before every step with ``(step, steps)`` (of the embedding fit,
             then of the LoRA training); when it returns true the add stops and nothing
             of it is written (:class:`properlm.train.multiuser.Cancelled`).
+        progress: show progress bars (None: the run config's ``progress``). The server's jobs
+            turn them off: a bar is named after the add, which is derived from the user's id.
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    if progress is not None:
+        cfg = dataclasses.replace(cfg, progress=progress)
     refuse_pending_forgets(run_dir)
     if "user" not in stages_done(run_dir):
         raise ProperError(f"{run_dir}: no trained stage 3 (user/); train the run first")
     user_ids = list(dict.fromkeys(user_ids))
+    bank = open_bank(run_dir, LORA)
+    for u in user_ids:
+        if bank is None or u not in bank:
+            check_user_id(u)  # a new user's id: one line naming the rule it breaks
     if examples is None:
         examples = history_examples(run_dir, user_ids, data)
     examples = [e for e in examples if e.user_id in set(user_ids)]
