@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from properlm.config import save_config, to_dict
-from properlm.evaluate.report import (ablation_flags, build_tables, efficiency_rows, markdown_table, report,
-                                      run_kind, stage_timing)
+from properlm.evaluate.report import markdown_table, report
+from properlm.evaluate.tables import ablation_flags, build_tables, efficiency_rows, run_kind, stage_timing
 from properlm.run_config import DataConfig, GroupConfig, RunConfig, UserConfig
 
 
