@@ -26,9 +26,8 @@ import torch
 
 from properlm.errors import ProperError, UnknownUser
 from properlm.model.generate import generate
+from properlm.model.proper import MODEL_BASE, MODEL_GROUP, MODEL_USER
 from properlm.store.run import deleted_stamp, load_model, read_config, stages_done
-
-MODEL_USER, MODEL_GROUP, MODEL_BASE = "user-lora", "group", "base"
 
 
 class PersonalizedLM:

@@ -144,12 +144,12 @@ def register_store(subparsers: argparse._SubParsersAction) -> None:
 COMMANDS: dict[str, Register | str] = {
     "data": register_data,
     "train": "properlm.train.commands:register",
-    "generate": "properlm.train.commands:register_generate",
-    "users": "properlm.train.commands:register_users",
+    "generate": "properlm.commands:register_generate",
+    "users": "properlm.commands:register_users",
     "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
     "demo": "properlm.demo:register",
     "experiments": "properlm.experiments:register",
-    "serve": "properlm.serve.commands:register",
+    "serve": "properlm.serving:register",
     "export": "properlm.export:register",
     "store": register_store,
 }

@@ -32,6 +32,8 @@ from properlm.model.user_params import UserBank, UserParams
 FFN_TARGETS = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 ATTN_KV_TARGETS = ("self_attn.k_proj", "self_attn.v_proj")
 EMBEDDINGS = ("per-site", "shared")
+#: Which model answered a user: their stage-3 LoRA, their group (stage 2), or the non-personalized base.
+MODEL_USER, MODEL_GROUP, MODEL_BASE = "user-lora", "group", "base"
 
 
 @dataclass

@@ -5,5 +5,8 @@
 - ``engine``: continuous batching of many users' requests in mixed-user forward passes;
 - ``keys``: the admin key and per-user API keys, stored as salted hashes;
 - ``jobs``: onboarding (a user's history uploaded, their LoRA trained in the background);
-- ``app``: the FastAPI application and its routes; ``commands``: ``properlm serve``.
+- ``app``: the FastAPI application and its routes.
+
+The command ``properlm serve`` is :mod:`properlm.serving`, which hands the server the run
+operations above this layer (loading a run, forgetting users): nothing here imports them.
 """

@@ -38,14 +38,15 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from properlm.api import MODEL_BASE, load_run
 from properlm.errors import ProperError, UnknownUser
+from properlm.model.proper import MODEL_BASE
 from properlm.model.prompts import SYSTEM_PROMPT, encode_prompt
 from properlm.serve.engine import Engine, GenRequest, QueueFull
 from properlm.serve.jobs import Jobs, parse_history
@@ -178,10 +179,17 @@ def _route(scope) -> str:
 
 
 class Server:
-    """What the routes share: the loaded run, the engine, keys and jobs."""
+    """What the routes share: the loaded run, the engine, keys and jobs.
 
-    def __init__(self, cfg: ServeConfig):
+    The run operations come from the caller (:mod:`properlm.serving` wires them), since
+    they sit above the serve layer: ``load_run`` (:func:`properlm.load_run`: the run
+    for inference, an interrupted delete finished first) and ``forget_users``
+    (:func:`properlm.forget.forget_users`: every trace of users, from every file of the run).
+    """
+
+    def __init__(self, cfg: ServeConfig, load_run: Callable, forget_users: Callable[[Path, list[str]], dict]):
         self.cfg = cfg
+        self.forget_users = forget_users
         self.lm = load_run(cfg.run, cache_mb=cfg.cache_mb, device=cfg.device)
         self.tok = self.lm.tok
         self.context = int(getattr(self.lm.model.lm.config, "max_position_embeddings", 2048))
@@ -309,9 +317,8 @@ def write_secret(path: Path, secret: str) -> Path:
     return path
 
 
-def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
-    """The application for ``cfg`` (the run is loaded here; the engine and jobs start with the app)."""
-    srv = server or Server(cfg)
+def create_app(cfg: ServeConfig, srv: Server) -> FastAPI:
+    """The application for ``cfg`` over a :class:`Server` (its engine and jobs start with the app)."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -536,8 +543,6 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
     @app.delete("/v1/users/{user_id}")
     async def delete_user(user_id: str, request: Request):
         srv.need_admin(srv.identity(request))
-        from properlm.forget import forget_users
-
         known = (any(user_id in b for b in (srv.lm.model.user_loras, srv.lm.model.user_embs) if b is not None)
                  or srv.jobs.active_for(user_id) is not None or srv.keys.user_record(user_id).get("keys")
                  or await asyncio.to_thread(in_split, cfg.run, user_id))  # e.g. a text-router run's stage-2 users
@@ -552,7 +557,7 @@ def create_app(cfg: ServeConfig, server: Server | None = None) -> FastAPI:
             # user back, so the delete waits for it (however long its step takes).
             await asyncio.to_thread(srv.jobs.cancel_user, user_id, None)
             jobs_removed = srv.jobs.forget(user_id)
-            removed = await asyncio.to_thread(forget_users, cfg.run, [user_id])
+            removed = await asyncio.to_thread(srv.forget_users, cfg.run, [user_id])
             if jobs_removed:  # the job records and uploads removed above count with the rest of serve/
                 what = "server records (keys, jobs, uploads)"
                 removed[what] = removed.get(what, 0) + jobs_removed
@@ -596,12 +601,12 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def serve(cfg: ServeConfig) -> None:
-    """Run the server until interrupted (uvicorn)."""
+def serve(cfg: ServeConfig, load_run: Callable, forget_users: Callable[[Path, list[str]], dict]) -> None:
+    """Run the server until interrupted (uvicorn), with the run operations of :class:`Server`."""
     import uvicorn
 
     configure_logging(cfg.access_log)
-    srv = Server(cfg)
+    srv = Server(cfg, load_run, forget_users)
     if srv.admin_key_file:
         print(f"properlm serve: a new admin key was written to {srv.admin_key_file} (mode 0600; only its hash "
               f"is kept in the run): keep it somewhere safe and delete the file", file=sys.stderr, flush=True)

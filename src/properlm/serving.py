@@ -1,4 +1,10 @@
-"""``properlm serve``: a thin wrapper over :func:`properlm.serve.app.serve`."""
+"""``properlm serve``: a thin wrapper over :func:`properlm.serve.app.serve`, and where the server is wired.
+
+The serve layer sits on the layers below it and is handed the two run operations
+that sit above it: :func:`properlm.load_run` (the run loaded for inference, an
+interrupted delete finished first) and :func:`properlm.forget.forget_users` (every
+trace of a user removed from every file of the run, for ``DELETE /v1/users/{id}``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,9 @@ import os
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from properlm.api import load_run
     from properlm.errors import ProperError
+    from properlm.forget import forget_users
     from properlm.serve.app import serve
     from properlm.serve.settings import ServeConfig
 
@@ -24,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           device=args.device, train_threads=args.train_threads)
     except ValueError as e:
         raise ProperError(str(e)) from None
-    serve(cfg)
+    serve(cfg, load_run, forget_users)
     return 0
 
 
