@@ -19,6 +19,13 @@ give one column group per task; the rows are built in :mod:`properlm.evaluate.ta
   the timestamps in ``RUN/logs/<stage>.jsonl``; a stage's time is the span of its
   step records scaled by ``n/(n-1)`` to count the first step).
 
+Tables 1-3 and the expert sweep come once per decoding among the runs' methods
+(free generation, then ``@labels``, ``@labels-norm``, ``@expected``): ``table1``
+over the freely generated methods, ``table1@labels`` over the ``METHOD@labels``
+ones and so on, each title naming its decoding; a run without a method of that
+decoding is left out of that decoding's tables (the grid's variants are label
+decoded only, so Table 3 and the sweep come as ``table3@labels``, ...).
+
 * **Who gains** (``gains``; :mod:`properlm.evaluate.gains`): in every run whose
   predictions are on disk, stage 2, PROPER and OPPU against stage 1 per tercile of
   the targets' history length and over all targets (the low-resource split in a

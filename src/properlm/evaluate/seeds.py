@@ -28,13 +28,21 @@ from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_h
 from properlm.evaluate.stats import aligned_users, cluster_bootstrap, judged
 from properlm.io import read_json, write_json, write_text
 
-#: the tables combined over seeds (the efficiency table is per run, not a score)
+#: the tables combined over seeds, each once per decoding (``table1``, ``table1@labels``, ...); the
+#: efficiency table is per run, not a score
 SEED_TABLES = ("table1", "table2", "table3", "experts")
 _KEY_COLUMNS = ("method", "variant", "num_experts")
 
 
 def _key(row: dict) -> tuple:
     return tuple((c, row[c]) for c in _KEY_COLUMNS if c in row)
+
+
+def seed_table_names(per_seed: Mapping[int, Mapping[str, dict]]) -> list[str]:
+    """The names of the tables to combine: those of :data:`SEED_TABLES` under every decoding any seed has,
+    in the order the seeds' reports give them."""
+    names = dict.fromkeys(n for t in per_seed.values() for n in t)
+    return [n for n in names if n.partition("@")[0] in SEED_TABLES]
 
 
 def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict]:
@@ -44,10 +52,8 @@ def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict
     by its method / variant / expert count; a seed without the row or cell adds nothing.
     """
     out: dict[str, dict] = {}
-    for name in SEED_TABLES:
+    for name in seed_table_names(per_seed):
         tables = [t[name] for t in per_seed.values() if name in t]
-        if not tables:
-            continue
         columns = list(dict.fromkeys(c for t in tables for c in t["columns"]))
         keys: dict[tuple, dict] = {}
         for t in tables:
@@ -63,7 +69,8 @@ def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict
                 row[c] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
                           "n": len(vals), "values": vals}
             rows.append(row)
-        out[name] = {"title": tables[0].get("title", name), "columns": columns, "rows": rows}
+        out[name] = {"title": tables[0].get("title", name), "columns": columns, "rows": rows,
+                     **({"decoding": tables[0]["decoding"]} if "decoding" in tables[0] else {})}
     return out
 
 
@@ -83,6 +90,16 @@ def pooled_bootstrap(main_runs: list[str | Path], method: str, other: str, n: in
         return None
     res = cluster_bootstrap(np.concatenate(a_all), np.concatenate(b_all), clusters, n=n)
     return {**judged(res, method, other, name), "runs": len(a_all)}
+
+
+def pooled_rows(main_runs: list[Path]) -> list[dict]:
+    """PROPER against stage 1, stage 2 and OPPU over all seeds' main runs, once per decoding suffix
+    among their methods (``proper@labels`` against ``stage1@labels``, ...)."""
+    from properlm.evaluate.tables import decoding_suffixes
+
+    methods = [m for run in main_runs for m in read_json(run / "eval" / "summary.json")["methods"]]
+    return [b for suffix in decoding_suffixes(methods) for other in ("stage1", "stage2", "oppu-mlp", "oppu-kv")
+            if (b := pooled_bootstrap(main_runs, "proper" + suffix, other + suffix)) is not None]
 
 
 def _cell(v) -> str:
@@ -109,8 +126,7 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
     per_seed = {s: read_json(Path(d) / "report" / "report.json")["tables"] for s, d in seed_dirs.items()}
     tables = combine_tables(per_seed)
     mains = [Path(d) / "main" for d in seed_dirs.values() if (Path(d) / "main" / "eval" / "golds.json").exists()]
-    boot = [b for other in ("stage1", "stage2", "oppu-mlp", "oppu-kv")
-            if (b := pooled_bootstrap(mains, "proper", other)) is not None]
+    boot = pooled_rows(mains)
     seeds = sorted(seed_dirs)
     md = ["# PROPER over seeds", "", f"Seeds: {', '.join(map(str, seeds))} (one grid each: "
           + ", ".join(f"`{seed_dirs[s]}`" for s in seeds) + "). Cells: mean ± sample standard deviation over "

@@ -22,6 +22,13 @@ TABLE_TITLES = {
     "experts": "Number of group experts K",
     "efficiency": "Efficiency: trainable parameters and training time",
 }
+#: The tables built once per decoding (the others describe the runs, not their answers).
+DECODED_TABLES = ("table1", "table2", "table3", "experts")
+#: How a decoding suffix is named in table titles, in the order the tables come.
+DECODING_NAMES = {"": "free generation",
+                  "@labels": "label scoring, the highest summed log-probability (@labels)",
+                  "@labels-norm": "label scoring, the highest mean log-probability per token (@labels-norm)",
+                  "@expected": "the expected rating under the labels' likelihoods (@expected)"}
 _EFFICIENCY_COLUMNS = ["stage", "trainable_params", "params_per_user", "n_users", "steps", "train_seconds",
                        "seconds_per_user"]
 
@@ -88,10 +95,17 @@ def _col(task: str, metric: str) -> str:
     return f"{task} {metric}"
 
 
-def _method_table(runs: Sequence[dict]) -> dict:
+def suffix_of(method: str) -> str:
+    """A method's decoding suffix: ``"proper@labels"`` -> ``"@labels"``; ``""`` for free generation."""
+    return "@" + method.split("@", 1)[1] if "@" in method else ""
+
+
+def _method_table(runs: Sequence[dict], suffix: str = "") -> dict:
+    """Every method of the runs decoded as ``suffix`` says, in :data:`METHODS` order, x the tasks' metrics."""
     cols = _metric_columns(runs)
-    given = dict.fromkeys(m for r in runs for m in r["methods"])
-    methods = [m for m in METHODS if m in given] + [m for m in given if m not in METHODS]  # e.g. scored files
+    given = dict.fromkeys(m for r in runs for m in r["methods"] if suffix_of(m) == suffix)
+    known = [m + suffix for m in METHODS if m + suffix in given]
+    methods = known + [m for m in given if m not in known]  # e.g. scored files
     rows = []
     for m in methods:
         row = {"method": m}
@@ -101,17 +115,19 @@ def _method_table(runs: Sequence[dict]) -> dict:
     return {"columns": ["method", *[_col(*c) for c in cols]], "rows": rows}
 
 
-def _final_method(r: dict) -> str | None:
-    return next((m for m in ("proper", "stage2") if r["methods"].get(m, {}).get("metrics")), None)
+def _final_method(r: dict, suffix: str = "") -> str | None:
+    """PROPER decoded as ``suffix`` says, else stage 2 so decoded; None when neither has scores."""
+    return next((m + suffix for m in ("proper", "stage2") if r["methods"].get(m + suffix, {}).get("metrics")), None)
 
 
-def _variant_table(entries: Sequence[tuple], first: str) -> dict:
-    """Rows of (fixed leading cells, run[, method]): the method's scores (default: PROPER, else stage 2)."""
+def _variant_table(entries: Sequence[tuple], first: str, suffix: str = "") -> dict:
+    """Rows of (fixed leading cells, run[, method]): the method's scores (default: PROPER, else stage 2,
+    decoded as ``suffix`` says)."""
     cols = _metric_columns([e[1] for e in entries])
     rows = []
     for entry in entries:
         lead, r = entry[0], entry[1]
-        m = entry[2] if len(entry) > 2 else _final_method(r)
+        m = entry[2] if len(entry) > 2 else _final_method(r, suffix)
         row = {**lead, "method": m or ""}
         if m and r["methods"].get(m, {}).get("metrics"):
             row.update({_col(r["task"], k): v for k, v in r["methods"][m]["metrics"].items()})
@@ -123,25 +139,25 @@ def _variant_table(entries: Sequence[tuple], first: str) -> dict:
 STAGE2_ABLATIONS = {"text router", "no constraint loss"}
 
 
-def ablation_entries(mains: dict[str, dict], abl: Sequence[dict]) -> list[tuple[dict, dict, str]]:
+def ablation_entries(mains: dict[str, dict], abl: Sequence[dict], suffix: str = "") -> list[tuple[dict, dict, str]]:
     """Table 3's rows: stage-2 ablations against full PROPER at stage 2 (plus labelled after-stage-3 rows),
-    stage-3 ablations against full PROPER after stage 3."""
-    has = lambda r, m: bool(r["methods"].get(m, {}).get("metrics"))  # noqa: E731
+    stage-3 ablations against full PROPER after stage 3; every method decoded as ``suffix`` says."""
+    has = lambda r, m: bool(r["methods"].get(m + suffix, {}).get("metrics"))  # noqa: E731
     at2 = [r for r in abl if set(ablation_flags(r["config"])) <= STAGE2_ABLATIONS]
     entries: list[tuple[dict, dict, str]] = []
     for r in mains.values():
-        entries.append(({"variant": "PROPER (full)"}, r, "proper"))
+        entries.append(({"variant": "PROPER (full)"}, r, "proper" + suffix))
         if at2 and has(r, "stage2"):
-            entries.append(({"variant": "PROPER (full), stage 2"}, r, "stage2"))
+            entries.append(({"variant": "PROPER (full), stage 2"}, r, "stage2" + suffix))
     for r in abl:
         name = "w/ " + " + ".join(ablation_flags(r["config"]))
         if r in at2:
             if has(r, "stage2") or not has(r, "proper"):
-                entries.append(({"variant": f"{name}, stage 2"}, r, "stage2"))
+                entries.append(({"variant": f"{name}, stage 2"}, r, "stage2" + suffix))
             if has(r, "proper"):
-                entries.append(({"variant": f"{name}, after stage 3"}, r, "proper"))
+                entries.append(({"variant": f"{name}, after stage 3"}, r, "proper" + suffix))
         else:
-            entries.append(({"variant": name}, r, _final_method(r) or "proper"))
+            entries.append(({"variant": name}, r, _final_method(r, suffix) or "proper" + suffix))
     return entries
 
 
@@ -223,32 +239,61 @@ def efficiency_rows(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def build_tables(results: Sequence[dict]) -> dict[str, dict]:
-    """All tables (see the module doc) from evaluated runs' results; empty tables are left out."""
-    mains = main_runs(results)
+def decoding_tables(results: Sequence[dict], suffix: str) -> dict[str, dict]:
+    """Tables 1-3 and the expert sweep over the methods decoded as ``suffix`` says (``""``: free
+    generation); a run without such a method is left out of them, and so is a table left empty."""
+    has = lambda r: any(suffix_of(m) == suffix for m in r["methods"])  # noqa: E731
+    mains = {task: r for task, r in main_runs(results).items() if has(r)}
     tables: dict[str, dict] = {}
     if mains:
-        tables["table1"] = _method_table(list(mains.values()))
-    low = [r for r in results if run_kind(r["config"]) == "low-resource"]
+        tables["table1"] = _method_table(list(mains.values()), suffix)
+    low = [r for r in results if run_kind(r["config"]) == "low-resource" and has(r)]
     if low:
-        tables["table2"] = _method_table(low)
-    abl = [r for r in results if run_kind(r["config"]) == "ablation"]
+        tables["table2"] = _method_table(low, suffix)
+    abl = [r for r in results if run_kind(r["config"]) == "ablation" and has(r)]
     if abl:
-        tables["table3"] = _variant_table(ablation_entries(mains, abl), "variant")
-    sweep = sorted((r for r in results if run_kind(r["config"]) == "main"), key=_num_experts)
+        tables["table3"] = _variant_table(ablation_entries(mains, abl, suffix), "variant", suffix)
+    sweep = sorted((r for r in results if run_kind(r["config"]) == "main" and has(r)), key=_num_experts)
     if len({_num_experts(r) for r in sweep}) > 1:
-        tables["experts"] = _variant_table([({"num_experts": _num_experts(r)}, r) for r in sweep], "num_experts")
+        tables["experts"] = _variant_table([({"num_experts": _num_experts(r)}, r) for r in sweep], "num_experts",
+                                           suffix)
+    return tables
+
+
+def decoded_title(name: str, suffix: str) -> str:
+    """A per-decoding table's title, naming its decoding."""
+    return f"{TABLE_TITLES[name]} [decoding: {DECODING_NAMES.get(suffix, suffix)}]"
+
+
+def build_tables(results: Sequence[dict]) -> dict[str, dict]:
+    """All tables (see the module doc) from evaluated runs' results; empty tables are left out.
+
+    Tables 1-3 and the expert sweep come once per decoding suffix among the methods
+    (:func:`decoding_suffixes`): ``table1`` over the freely generated methods,
+    ``table1@labels`` over the ``@labels`` ones and so on, each with its ``decoding``
+    and a title naming it; they come in :data:`DECODED_TABLES` order, each table's
+    decodings together.
+    """
+    per = {s: decoding_tables(results, s) for s in decoding_suffixes(m for r in results for m in r["methods"])}
+    tables: dict[str, dict] = {}
+    for name in DECODED_TABLES:
+        for suffix, got in per.items():
+            if name in got:
+                tables[name + suffix] = {**got[name], "title": decoded_title(name, suffix), "decoding": suffix}
+    mains = main_runs(results)
     eff = []
     for task, r in mains.items():
         if Path(r["run_dir"]).exists():
             eff += [{"task": task, **row} for row in efficiency_rows(r["run_dir"])]
     if eff:
-        tables["efficiency"] = {"columns": ["task", *_EFFICIENCY_COLUMNS], "rows": eff}
-    for name, t in tables.items():
-        t["title"] = TABLE_TITLES[name]
+        tables["efficiency"] = {"columns": ["task", *_EFFICIENCY_COLUMNS], "rows": eff,
+                                "title": TABLE_TITLES["efficiency"]}
     return tables
 
 
 def decoding_suffixes(methods) -> list[str]:
-    """The decoding suffixes among method names, free generation (``""``) first: ``["", "@labels", ...]``."""
-    return list(dict.fromkeys(["", *sorted({"@" + m.split("@", 1)[1] for m in methods if "@" in m})]))
+    """The decoding suffixes among method names, free generation (``""``) first, then those of
+    :data:`DECODING_NAMES` in its order, then any other: ``["", "@labels", "@labels-norm", "@expected"]``."""
+    given = {suffix_of(m) for m in methods} - {""}
+    known = [s for s in DECODING_NAMES if s in given]
+    return ["", *known, *sorted(given - set(known))]
