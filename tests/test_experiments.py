@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from properlm.config import save_config
 from properlm.errors import ConfigError
-from properlm.experiments import VARIANTS, run_experiments, select
+from properlm.experiments import VARIANTS, run_experiments, select, variant_decodings
 from tests.conftest import small_cfg
 
 pytestmark = pytest.mark.slow
@@ -18,6 +20,38 @@ def test_select_expands_groups_adds_main_and_refuses_unknown_names():
     assert select("low-resource") == ["low-resource"]  # trains everything itself: no main needed
     with pytest.raises(ConfigError, match="unknown variant 'nope'"):
         select("main,nope")
+
+
+def test_decodings_by_default_main_both_ways_the_other_variants_by_labels_generation_free():
+    from properlm.data.tasks import get_task
+
+    cls, rating, gen = get_task("synth-cls"), get_task("LaMP-3"), get_task("synth-gen")
+    for task in (cls, rating):
+        assert variant_decodings("main", None, task) == ("free", "labels")
+        assert variant_decodings("text-router", None, task) == ("labels",)
+        assert variant_decodings("text-router", "both", task) == ("free", "labels")
+        assert variant_decodings("main", "free", task) == ("free",)
+    assert variant_decodings("main", None, gen) == ("free",) == variant_decodings("loramoe", "free", gen)
+    with pytest.raises(ConfigError, match="without a label set"):
+        variant_decodings("main", "labels", gen)
+    with pytest.raises(ConfigError, match="choose from"):
+        variant_decodings("main", "beam", cls)
+
+
+def test_cli_passes_decode_through(monkeypatch, capsys):
+    import argparse
+
+    import properlm.experiments as ex
+
+    seen = {}
+    monkeypatch.setattr(ex, "run_experiments", lambda *a, decode=None, **k: seen.update(decode=decode) or {"tables": {}})
+    parser = argparse.ArgumentParser(prog="properlm")
+    ex.register(parser.add_subparsers())
+    args = parser.parse_args(["experiments", "--out", "x", "--decode", "labels"])
+    assert args.func(args) == 0 and seen == {"decode": "labels"}
+    assert parser.parse_args(["experiments", "--out", "x"]).decode is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["experiments", "--out", "x", "--decode", "beam"])
 
 
 def test_variants_reuse_main_stages_and_report_tables_3_and_sweep(tmp_path):
@@ -33,19 +67,25 @@ def test_variants_reuse_main_stages_and_report_tables_3_and_sweep(tmp_path):
     assert (k2 / "population/adapter_model.safetensors").read_bytes() == (main / "population/adapter_model.safetensors").read_bytes()
     assert (k2 / "group/experts.safetensors").read_bytes() != (main / "group/experts.safetensors").read_bytes()
     assert not (abl / "user/router.safetensors").exists()  # no LoRA-aware router in that ablation
-    t3 = res["tables"]["table3"]["rows"]
+    # The main run answers freely and by label scoring, the other variants by label scoring only.
+    evaluated = {d.name: set(json.loads((d / "eval" / "summary.json").read_text())["methods"]) for d in (main, abl, k2)}
+    assert {"proper", "stage1", "rag", "proper@labels", "proper@labels-norm", "oppu-mlp@labels"} <= evaluated["main"]
+    assert evaluated["no-lora-router"] == evaluated["experts-2"] == {"proper@labels", "proper@labels-norm"}
+    assert {"table3", "experts"}.isdisjoint(res["tables"])  # nothing of the variants was generated freely
+    t3 = res["tables"]["table3@labels"]["rows"]
     assert [r["variant"] for r in t3] == ["PROPER (full)", "w/ no LoRA-aware router"]
-    assert all(r["method"] == "proper" for r in t3)
-    assert [r["num_experts"] for r in res["tables"]["experts"]["rows"]] == [2, 3]
-    assert set(res["tables"]["table1"]["rows"][0]) >= {"method"}
-    assert (out / "report" / "table3.csv").exists() and (out / "report" / "report.md").exists()
+    assert all(r["method"] == "proper@labels" for r in t3)
+    assert [r["num_experts"] for r in res["tables"]["experts@labels-norm"]["rows"]] == [2, 3]
+    assert [r["method"] for r in res["tables"]["table1"]["rows"]][:3] == ["stage1", "stage2", "proper"]
+    assert "@labels)]" in res["tables"]["table1@labels"]["title"]
+    assert (out / "report" / "table3@labels.csv").exists() and (out / "report" / "report.md").exists()
     # Resuming: nothing is trained or evaluated again.
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/user/user_loras.safetensors")}
     scores = (main / "eval" / "proper" / "scores.json").stat().st_mtime_ns
     res2 = run_experiments(out, cfg_path, only="no-lora-router,experts-2", log=logs.append)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
     assert (main / "eval" / "proper" / "scores.json").stat().st_mtime_ns == scores
-    assert res2["tables"]["table3"] == res["tables"]["table3"]
+    assert res2["tables"]["table3@labels"] == res["tables"]["table3@labels"]
 
 
 def test_seeds_give_one_grid_each_and_a_report_of_mean_and_sd(tmp_path):
@@ -57,9 +97,7 @@ def test_seeds_give_one_grid_each_and_a_report_of_mean_and_sd(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     save_config(small_cfg(data=dict(synth_users=8, n_targets=2)), cfg_path)
     out = tmp_path / "seeds"
-    res = run_seeds(out, [0, 1], cfg_path, only="main", log=lambda m: None)
-    import json
-
+    res = run_seeds(out, [0, 1], cfg_path, only="main", log=lambda m: None, decode="free")
     assert "seed: 1" in (out / "seed-1" / "main" / "config.yaml").read_text()
     golds = [(out / f"seed-{s}" / "main" / "eval" / "golds.json").read_text() for s in (0, 1)]
     assert golds[0] != golds[1]  # a seed draws its own synthetic users

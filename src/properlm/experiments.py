@@ -25,6 +25,18 @@ A variant that changes only later stages starts from a copy of the main run's
 earlier stages (same data, split and settings, so the same weights), which
 saves most of its cost. Everything resumes: finished stages are skipped,
 evaluated methods are not evaluated again.
+
+``--decode`` (:func:`variant_decodings`) says how the methods answer. By
+default, on a classification or rating task, the main run is evaluated twice:
+with LaMP's free generation (comparable with the paper's numbers) and by label
+scoring (``METHOD@labels``, ``@labels-norm``, ``@expected``; see
+:func:`properlm.evaluate.evaluate.evaluate_run`), and every other variant by
+label scoring only: it costs a fraction of free generation (one pass over the
+prompt, a few tokens per label), no answer is lost to parsing, and the
+variants are compared with the main run decoded alike. Tables 1-3 and the
+sweep then come once per decoding (``table3@labels``, ...). ``free``,
+``labels`` or ``both`` decode every variant alike; a generation task has no
+labels and is decoded freely.
 """
 
 from __future__ import annotations
@@ -34,6 +46,9 @@ import time
 from pathlib import Path
 
 from properlm.errors import ConfigError
+
+#: ``--decode`` choices (None: the default of :func:`variant_decodings`).
+DECODE_CHOICES = ("free", "labels", "both")
 
 #: name -> (config overrides, stages copied from the main run, methods evaluated)
 _FINAL = ("proper",)
@@ -75,28 +90,86 @@ def select(only: str | None) -> list[str]:
     return sorted(names, key=list(VARIANTS).index)
 
 
+def variant_decodings(name: str, decode: str | None, task) -> tuple[str, ...]:
+    """The decodings (``evaluate_run``'s ``decode``) a variant's methods are evaluated with.
+
+    Args:
+        name: the variant.
+        decode: ``"free"``, ``"labels"`` or ``"both"`` for every variant alike; None: on a task with
+            labels (classification, rating) the main run both ways (LaMP's free generation for
+            Table 1 as the paper has it, label scoring beside it) and every other variant by label
+            scoring only; on a generation task free generation.
+        task: the grid's :class:`~properlm.data.tasks.Task`.
+
+    Raises:
+        ConfigError: an unknown choice, or label scoring asked for a task without labels.
+    """
+    if decode is not None and decode not in DECODE_CHOICES:
+        raise ConfigError(f"--decode: choose from {', '.join(DECODE_CHOICES)}, got {decode!r}")
+    if not task.labels:
+        if decode in ("labels", "both"):
+            raise ConfigError(f"--decode {decode}: {task.name} is a {task.kind} task without a label set; "
+                              f"its answers can only be generated freely (--decode free)")
+        return ("free",)
+    if decode is None:
+        return ("free", "labels") if name == "main" else ("labels",)
+    return {"free": ("free",), "labels": ("labels",), "both": ("free", "labels")}[decode]
+
+
+def filed_methods(method: str, decode: str, task) -> list[str]:
+    """The names ``evaluate_run`` files a method's results under for one decoding."""
+    from properlm.evaluate.evaluate import EXPECTED_SUFFIX, LABEL_SUFFIX, NORM_SUFFIX
+
+    if decode == "free":
+        return [method]
+    return [method + LABEL_SUFFIX, method + NORM_SUFFIX] + ([method + EXPECTED_SUFFIX] if task.kind == "rating" else [])
+
+
+def grid_task(cfg):
+    """The task of the grid's data (every variant has the same data)."""
+    from properlm.data.tasks import get_task
+    from properlm.train.run import load_data
+
+    return get_task(load_data(cfg, truncate=False).task)
+
+
+def evaluate_variant(run_dir: Path, methods, decodes, task, progress: bool) -> None:
+    """Evaluate each method with each decoding unless its results are already filed."""
+    from properlm.evaluate.evaluate import evaluate_run
+    from properlm.io import read_json
+
+    summary = run_dir / "eval" / "summary.json"
+    for decode in decodes:
+        done = set(read_json(summary)["methods"]) if summary.exists() else set()
+        todo = [m for m in methods if not set(filed_methods(m, decode, task)) <= done]
+        if todo:
+            evaluate_run(run_dir, methods=todo, progress=progress, decode=decode)
+
+
 def run_experiments(out: str | Path, config: str | Path | None = None, overrides: list[str] = (),
-                    only: str | None = None, log=print) -> dict:
+                    only: str | None = None, log=print, decode: str | None = None) -> dict:
     """Train and evaluate each selected variant into ``out/<variant>``, then report over all of them.
 
+    ``decode``: how the methods answer (see :func:`variant_decodings`; None: the default).
     Returns the report summary (see :func:`properlm.evaluate.report.report`) with
     ``"seconds"``: wall seconds per variant (training + evaluation, this call).
     """
     from properlm.config import load_config
     from properlm.demo import default_config
-    from properlm.evaluate.evaluate import evaluate_run
-    from properlm.io import read_json
     from properlm.run_config import RunConfig
     from properlm.train.run import train
 
     out = Path(out)
     names = select(only)
+    load = lambda name: load_config(RunConfig, config or default_config(), [*overrides, *VARIANTS[name][0]])  # noqa: E731
+    task = grid_task(load(names[0]))
+    decodes = {name: variant_decodings(name, decode, task) for name in names}  # refused before any training
     seconds: dict[str, float] = {}
     for i, name in enumerate(names, 1):
         extra, reuse, methods = VARIANTS[name]
-        cfg = load_config(RunConfig, config or default_config(), [*overrides, *extra])
+        cfg = load(name)
         run_dir = out / name
-        log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}")
+        log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}; decoding: {', '.join(decodes[name])}")
         t0 = time.time()
         for stage in reuse:
             if not (run_dir / stage).exists():
@@ -109,11 +182,7 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
                         shutil.copytree(src, run_dir / "store" / bank)
                 shutil.copytree(out / "main" / stage, run_dir / stage)
         train(cfg, run_dir, resume=True)
-        summary = run_dir / "eval" / "summary.json"
-        done = set(read_json(summary)["methods"]) if summary.exists() else set()
-        todo = [m for m in methods if m not in done]
-        if todo:
-            evaluate_run(run_dir, methods=todo, progress=cfg.progress)
+        evaluate_variant(run_dir, methods, decodes[name], task, cfg.progress)
         seconds[name] = round(time.time() - t0, 1)
         log(f"    {name} done in {seconds[name]:.0f} s")
     log(f"report over {len(names)} run(s) -> {out / 'report'}")
@@ -124,7 +193,7 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
 
 
 def run_seeds(out: str | Path, seeds: list[int], config: str | Path | None = None, overrides: list[str] = (),
-              only: str | None = None, log=print) -> dict:
+              only: str | None = None, log=print, decode: str | None = None) -> dict:
     """The grid once per seed (``out/seed-<s>``, config ``seed=<s>``), then one report over the seeds
     (``out/report``: mean ± sd per cell, bootstrap over all seeds' queries; :mod:`properlm.evaluate.seeds`)."""
     from properlm.evaluate.seeds import seeds_report
@@ -133,7 +202,7 @@ def run_seeds(out: str | Path, seeds: list[int], config: str | Path | None = Non
     dirs = {}
     for s in seeds:
         log(f"== seed {s} ==")
-        run_experiments(out / f"seed-{s}", config, [*overrides, f"seed={s}"], only, log=log)
+        run_experiments(out / f"seed-{s}", config, [*overrides, f"seed={s}"], only, log=log, decode=decode)
         dirs[s] = out / f"seed-{s}"
     log(f"report over {len(seeds)} seed(s) -> {out / 'report'}")
     return seeds_report(dirs, out / "report")
@@ -157,11 +226,11 @@ def cmd_experiments(args) -> int:
     if seeds:
         from properlm.evaluate.seeds import markdown
 
-        res = run_seeds(args.out, seeds, args.config, args.overrides, args.only)
+        res = run_seeds(args.out, seeds, args.config, args.overrides, args.only, decode=args.decode)
     else:
         from properlm.evaluate.report import markdown_table as markdown
 
-        res = run_experiments(args.out, args.config, args.overrides, args.only)
+        res = run_experiments(args.out, args.config, args.overrides, args.only, decode=args.decode)
     for t in res["tables"].values():
         print(f"\n{t['title']}\n")
         print(markdown(t))
@@ -180,6 +249,10 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     p.add_argument("--only", default=None,
                    help="comma-separated variants or groups (ablations, experts); main is added when needed")
+    p.add_argument("--decode", default=None, choices=DECODE_CHOICES,
+                   help="how the methods answer, every variant alike (default, on a classification or rating "
+                        "task: main both free and label-scored, the other variants label-scored only; a "
+                        "generation task: free)")
     p.add_argument("--seeds", default=None, metavar="S,S,...",
                    help="run the grid once per seed (OUT/seed-S) and report mean ± sd over them (OUT/report)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every variant")
