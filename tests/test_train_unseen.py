@@ -142,3 +142,25 @@ def test_stage_3_trains_with_the_targets_fitted_stage_2_embeddings(stage2, tok, 
     lora = lambda st, u: torch.cat([v.flatten() for v in st.get(u)["params"].values()])  # noqa: E731
     assert (lora(other, "tx") - lora(store, "tx")).abs().max() > 1e-4
     torch.testing.assert_close(lora(other, "ty"), lora(store, "ty"), atol=1e-6, rtol=0)
+
+
+def test_a_user_without_a_lora_routes_as_in_stage_2_however_stage_3_trained_its_router(group_model, tok, h):
+    """Stage 3 trains the LoRA-aware router's text part ``W_x`` away from stage 2's ``W_t``. A row without a
+    user LoRA (a user with only a stage-2 embedding, or none) must still be answered exactly as the stage-2
+    model answers them, alone or beside rows that have a LoRA; rows with a LoRA use the trained ``W_x``."""
+    pm = group_model()
+    want_ua, routes_ua = _logits_and_routes(pm, tok, h, None, ["ua"] * 3)
+    want_fb, routes_fb = _logits_and_routes(pm, tok, h, None, [None] * 3)
+    pm.add_user_lora(4, 8, lora_aware_router=True)
+    pm.user_loras = pm.new_lora_bank(["ta"])
+    h.randomize_([s.router.w_text.weight for s in pm.sites.values()], 0.5, 7)   # W_x as stage 3 left it
+    pm.eval()
+    got, routes = _logits_and_routes(pm, tok, h, None, ["ua"] * 3)
+    assert torch.equal(routes, routes_ua)
+    torch.testing.assert_close(got, want_ua, atol=1e-6, rtol=0)
+    _, routes = _logits_and_routes(pm, tok, h, None, [None] * 3)
+    assert torch.equal(routes, routes_fb)
+    # Mixed with a row that has a LoRA: the rows without one are unchanged, the LoRA row routes with W_x.
+    _, mixed = _logits_and_routes(pm, tok, h, None, ["ua", "ua", "ua"], lora_users=[None, "ta", None])
+    torch.testing.assert_close(mixed[[0, 2]], routes_ua[[0, 2]], atol=1e-6, rtol=0)
+    assert (mixed[1] - routes_ua[1]).abs().max() > 1e-3

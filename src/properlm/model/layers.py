@@ -33,6 +33,8 @@ class RoutingState:
             user-aware router); absent -> the router's fallback.
         user_lora: site name -> (A (B, r, d_in), B (B, d_out, r)) LoRA factors of the rows'
             users, zeros for rows without a user LoRA.
+        lora_rows: (B,) bool, the rows that have a user LoRA, when only some do (None: all rows
+            have one when ``user_lora`` is set, none when it is empty).
         token_mask: (B, T) 1.0 on real tokens, for averaging routing weights.
         record: if true, each layer appends its per-row mean routing weights (B, K).
         routes: what the layers recorded in this forward pass.
@@ -40,12 +42,13 @@ class RoutingState:
 
     user_emb: dict[str, torch.Tensor] = field(default_factory=dict)
     user_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    lora_rows: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     record: bool = False
     routes: list[torch.Tensor] = field(default_factory=list)
 
     def clear(self) -> None:
-        self.user_emb, self.user_lora, self.token_mask, self.routes = {}, {}, None, []
+        self.user_emb, self.user_lora, self.lora_rows, self.token_mask, self.routes = {}, {}, None, None, []
 
 
 class Router(nn.Module):
@@ -60,7 +63,10 @@ class Router(nn.Module):
         stage 2 had a user-aware router): with the user's LoRA at zero and ``W_l = 0``
         the router is exactly the stage-2 router of that user (their stage-2
         embedding, or the fallback for a user without one), so stage 3 starts where
-        stage 2 ends.
+        stage 2 ends. A row *without* a user LoRA routes as stage 2 did, with stage
+        2's text weight (``w_text_group``, kept beside the ``W_x`` that stage 3
+        trains): a user who has a stage-2 embedding but no LoRA yet is answered by
+        their group, exactly as by the stage-2 model.
 
     Args:
         d_in: input width of the wrapped linear.
@@ -83,6 +89,10 @@ class Router(nn.Module):
         self.w_emb = nn.Linear(d_emb, num_experts, bias=False) if kind == "lora-aware" and d_emb > 0 else None
         # Mean of the stage-2 embeddings, set after stage 2: the routing of users never seen there.
         self.register_buffer("fallback_emb", torch.zeros(d_fallback))
+        if kind == "lora-aware":
+            # Stage 2's W_t, for rows without a user LoRA (set from the stage-2 router it replaces;
+            # not saved with stage 3's router: it is stage 2's, in group/experts.safetensors).
+            self.register_buffer("w_text_group", self.w_text.weight.detach().clone(), persistent=False)
 
     @property
     def reads_embedding(self) -> bool:
@@ -93,21 +103,40 @@ class Router(nn.Module):
         e = e if e is not None else self.fallback_emb.expand(x.shape[0], -1)
         return w(e).unsqueeze(1)  # (B, 1, K), broadcast over tokens
 
-    def forward(self, x: torch.Tensor, user_signal: torch.Tensor | None, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, user_signal: torch.Tensor | None, emb: torch.Tensor | None = None,
+                lora_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Routing weights (B, T, K) for x (B, T, d_in).
 
         ``user_signal``: (B, d_e) embeddings (user-aware) or (B, T, r) LoRA projections
         (lora-aware); ``emb``: (B, d_e) stage-2 embeddings for the lora-aware router's
-        carried-over term. None: the fallback embedding / no LoRA term.
+        carried-over term. None: the fallback embedding / no LoRA term. ``lora_rows``
+        (lora-aware): (B,) bool, the rows with a user LoRA when only some have one; the
+        others, and every row when ``user_signal`` is None, route as stage 2 did.
         """
+        if self.kind == "lora-aware":
+            return self._lora_aware(x, user_signal, emb, lora_rows)
         logits = self.w_text(x)
         if self.kind == "user-aware":
             logits = logits + self._emb_term(self.w_user, user_signal, x)
-        elif self.kind == "lora-aware":
-            if self.w_emb is not None:
-                logits = logits + self._emb_term(self.w_emb, emb, x)
-            if user_signal is not None:
-                logits = logits + self.w_user(user_signal)  # (B, T, K)
+        return torch.softmax(logits.float(), dim=-1).to(x.dtype)
+
+    def _lora_aware(self, x: torch.Tensor, lora_h: torch.Tensor | None, emb: torch.Tensor | None,
+                    lora_rows: torch.Tensor | None) -> torch.Tensor:
+        """``softmax(W_x x + W_e e_u + W_l A_u x)`` for rows with a user LoRA, stage 2's
+        ``softmax(W_t x + W_e e_u)`` for rows without one."""
+        e_term = self._emb_term(self.w_emb, emb, x) if self.w_emb is not None else None
+        group = None
+        if lora_h is None or lora_rows is not None:
+            group = F.linear(x, self.w_text_group)
+            group = group + e_term if e_term is not None else group
+        if lora_h is None:
+            logits = group
+        else:
+            logits = self.w_text(x)
+            logits = logits + e_term if e_term is not None else logits
+            logits = logits + self.w_user(lora_h)  # (B, T, K)
+            if lora_rows is not None:
+                logits = torch.where(lora_rows.view(-1, 1, 1), logits, group)
         return torch.softmax(logits.float(), dim=-1).to(x.dtype)
 
 
@@ -250,7 +279,7 @@ class ProperLinear(nn.Module):
         if self.experts is not None:
             emb = self.state.user_emb.get(self.site)                         # (B, d_e) or None: fallback
             if self.router.kind == "lora-aware":
-                gates = self.router(x, lora_h, emb)                          # (B, T, K)
+                gates = self.router(x, lora_h, emb, self.state.lora_rows)    # (B, T, K)
             else:
                 gates = self.router(x, emb)
             y = self.experts(xd, gates, out=y, in_scale=scale)

@@ -164,7 +164,9 @@ class ProperModel(nn.Module):
         router: its text part is stage 2's ``W_t``, its embedding part stage 2's
         ``W_u`` (reading the user's stage-2 embedding, or the same fallback), and its
         LoRA part ``W_l`` is zero. So with a user's LoRA at zero, stage 3 routes and
-        answers as stage 2 did for that user.
+        answers as stage 2 did for that user. It also keeps stage 2's ``W_t``
+        (``w_text_group``) for rows without a user LoRA: however stage 3 trains ``W_x``,
+        a user with a stage-2 embedding and no LoRA (yet) routes exactly as in stage 2.
         """
         self.lora_shapes, self.lora_init = {}, {}
         for name, s in self.sites.items():
@@ -179,6 +181,7 @@ class ProperModel(nn.Module):
                     d_emb = old.w_user.in_features if old.kind == "user-aware" else 0
                     s.router = Router(s.base.in_features, s.experts.k, "lora-aware", r, d_emb=d_emb).to(self.device)
                     s.router.w_text.weight.data.copy_(old.w_text.weight.data)
+                    s.router.w_text_group.copy_(old.w_text.weight.data)  # rows without a LoRA: stage 2's routing
                     if d_emb:
                         s.router.w_emb.weight.data.copy_(old.w_user.weight.data)
                         s.router.fallback_emb.copy_(old.fallback_emb)
@@ -279,6 +282,8 @@ class ProperModel(nn.Module):
                 if valid is not None:
                     a, b = a * valid, b * valid                               # rows without a user LoRA: zeros
                 self.state.user_lora[name] = (a, b)
+            if valid is not None:  # those rows route as stage 2 did (Router: lora-aware)
+                self.state.lora_rows = slots >= 0
             out.lora_users, out.lora_leaves = present, leaves
         return out
 
