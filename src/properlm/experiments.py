@@ -43,12 +43,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from properlm.errors import ConfigError
 
 #: ``--decode`` choices (None: the default of :func:`variant_decodings`).
 DECODE_CHOICES = ("free", "labels", "both")
+#: The grid's wall times, ``OUT/timings.json``: ``{variant: {stage: seconds}}`` (see :func:`timed`).
+TIMINGS = "timings.json"
 
 #: name -> (config overrides, stages copied from the main run, methods evaluated)
 _FINAL = ("proper",)
@@ -133,17 +136,79 @@ def grid_task(cfg):
     return get_task(load_data(cfg, truncate=False).task)
 
 
-def evaluate_variant(run_dir: Path, methods, decodes, task, progress: bool) -> None:
-    """Evaluate each method with each decoding unless its results are already filed."""
+def read_timings(out: Path) -> dict[str, dict[str, float]]:
+    """``OUT/timings.json`` as a grid left it (empty when there is none)."""
+    from properlm.io import read_json
+
+    return read_json(out / TIMINGS) if (out / TIMINGS).exists() else {}
+
+
+@contextmanager
+def timed(out: Path, timings: dict, name: str, stage: str):
+    """Add the block's wall seconds to ``timings[name][stage]`` and write ``OUT/timings.json`` atomically,
+    also when the block fails: a stage interrupted (not killed outright) and finished by a later call
+    counts both calls' time. Work done in an earlier call is never timed again, so it keeps its time."""
+    from properlm.io import write_json
+
+    t0 = time.time()
+    try:
+        yield
+    finally:
+        mine = timings.setdefault(name, {})
+        mine[stage] = round(mine.get(stage, 0.0) + time.time() - t0, 3)
+        write_json(out / TIMINGS, timings)
+
+
+def copy_stage(out: Path, run_dir: Path, stage: str) -> None:
+    """Copy a stage (and the user bank it writes) from the main run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A stage's user bank first: the stage directory is what marks it done.
+    for bank in _STAGE_BANKS.get(stage, ()):
+        src = out / "main" / "store" / bank
+        if src.exists():
+            shutil.rmtree(run_dir / "store" / bank, ignore_errors=True)
+            shutil.copytree(src, run_dir / "store" / bank)
+    shutil.copytree(out / "main" / stage, run_dir / stage)
+
+
+def train_variant(cfg, out: Path, name: str, timings: dict) -> None:
+    """Copy the variant's reused stages from the main run (timed as ``copy``) and train the others one
+    at a time (each timed under its name); the end-to-end ablation trains stage 2 inside stage 3."""
+    from properlm.store.run import STAGES, stages_done
+    from properlm.train.run import train
+
+    run_dir = out / name
+    done = set(stages_done(run_dir)) if run_dir.exists() else set()
+    if not run_dir.exists():
+        timings.pop(name, None)  # a fresh run: times of an earlier one at this path are not its own
+    for stage in STAGES:
+        if stage == "group" and cfg.user.end_to_end:
+            continue
+        if stage in VARIANTS[name][1]:
+            if stage not in done:
+                with timed(out, timings, name, "copy"):
+                    copy_stage(out, run_dir, stage)
+        elif stage in done:
+            train(cfg, run_dir, stages=(stage,), resume=True)  # nothing to train; checks the saved config
+        else:
+            with timed(out, timings, name, stage):
+                train(cfg, run_dir, stages=(stage,), resume=True)
+
+
+def evaluate_variant(out: Path, name: str, decodes, task, progress: bool, timings: dict) -> None:
+    """Evaluate each method with each decoding unless its results are already filed; one method at a
+    time, each decoding's seconds added up as ``eval-<decoding>``."""
     from properlm.evaluate.evaluate import evaluate_run
     from properlm.io import read_json
 
+    run_dir = out / name
     summary = run_dir / "eval" / "summary.json"
     for decode in decodes:
         done = set(read_json(summary)["methods"]) if summary.exists() else set()
-        todo = [m for m in methods if not set(filed_methods(m, decode, task)) <= done]
-        if todo:
-            evaluate_run(run_dir, methods=todo, progress=progress, decode=decode)
+        for m in VARIANTS[name][2]:
+            if not set(filed_methods(m, decode, task)) <= done:
+                with timed(out, timings, name, f"eval-{decode}"):
+                    evaluate_run(run_dir, methods=[m], progress=progress, decode=decode)
 
 
 def run_experiments(out: str | Path, config: str | Path | None = None, overrides: list[str] = (),
@@ -151,13 +216,14 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     """Train and evaluate each selected variant into ``out/<variant>``, then report over all of them.
 
     ``decode``: how the methods answer (see :func:`variant_decodings`; None: the default).
+    Each stage's wall time goes to ``out/timings.json`` as it ends (:func:`timed`).
     Returns the report summary (see :func:`properlm.evaluate.report.report`) with
-    ``"seconds"``: wall seconds per variant (training + evaluation, this call).
+    ``"seconds"``: wall seconds per variant (training + evaluation, this call), and
+    ``"timings"``: the selected variants' times per stage, over every call.
     """
     from properlm.config import load_config
     from properlm.demo import default_config
     from properlm.run_config import RunConfig
-    from properlm.train.run import train
 
     out = Path(out)
     names = select(only)
@@ -165,45 +231,40 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     task = grid_task(load(names[0]))
     decodes = {name: variant_decodings(name, decode, task) for name in names}  # refused before any training
     seconds: dict[str, float] = {}
+    timings = read_timings(out)
     for i, name in enumerate(names, 1):
-        extra, reuse, methods = VARIANTS[name]
         cfg = load(name)
-        run_dir = out / name
+        extra = VARIANTS[name][0]
         log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}; decoding: {', '.join(decodes[name])}")
         t0 = time.time()
-        for stage in reuse:
-            if not (run_dir / stage).exists():
-                run_dir.mkdir(parents=True, exist_ok=True)
-                # A stage's user bank first: the stage directory is what marks it done.
-                for bank in _STAGE_BANKS.get(stage, ()):
-                    src = out / "main" / "store" / bank
-                    if src.exists():
-                        shutil.rmtree(run_dir / "store" / bank, ignore_errors=True)
-                        shutil.copytree(src, run_dir / "store" / bank)
-                shutil.copytree(out / "main" / stage, run_dir / stage)
-        train(cfg, run_dir, resume=True)
-        evaluate_variant(run_dir, methods, decodes[name], task, cfg.progress)
+        train_variant(cfg, out, name, timings)
+        evaluate_variant(out, name, decodes[name], task, cfg.progress, timings)
         seconds[name] = round(time.time() - t0, 1)
         log(f"    {name} done in {seconds[name]:.0f} s")
     log(f"report over {len(names)} run(s) -> {out / 'report'}")
     from properlm.evaluate.report import report  # imported here: a grid runs for an hour
 
-    summary = report([out / n for n in names], out / "report")
-    return {**summary, "seconds": seconds}
+    mine = {n: timings[n] for n in names if n in timings}
+    summary = report([out / n for n in names], out / "report", timings=mine)
+    return {**summary, "seconds": seconds, "timings": mine}
 
 
 def run_seeds(out: str | Path, seeds: list[int], config: str | Path | None = None, overrides: list[str] = (),
               only: str | None = None, log=print, decode: str | None = None) -> dict:
     """The grid once per seed (``out/seed-<s>``, config ``seed=<s>``), then one report over the seeds
-    (``out/report``: mean ± sd per cell, bootstrap over all seeds' queries; :mod:`properlm.evaluate.seeds`)."""
+    (``out/report``: mean ± sd per cell, intervals resampling every seed's users; :mod:`properlm.evaluate.seeds`).
+    ``out/timings.json`` holds each seed's ``timings.json``, keyed by seed."""
     from properlm.evaluate.seeds import seeds_report
+    from properlm.io import write_json
 
     out = Path(out)
-    dirs = {}
+    dirs, timings = {}, {}
     for s in seeds:
         log(f"== seed {s} ==")
-        run_experiments(out / f"seed-{s}", config, [*overrides, f"seed={s}"], only, log=log, decode=decode)
+        res = run_experiments(out / f"seed-{s}", config, [*overrides, f"seed={s}"], only, log=log, decode=decode)
         dirs[s] = out / f"seed-{s}"
+        timings[str(s)] = res["timings"]
+        write_json(out / TIMINGS, timings)  # {seed: {variant: {stage: seconds}}}
     log(f"report over {len(seeds)} seed(s) -> {out / 'report'}")
     return seeds_report(dirs, out / "report")
 

@@ -18,6 +18,10 @@ give one column group per task; the rows are built in :mod:`properlm.evaluate.ta
   (from the saved safetensors) and training time per stage and per user (from
   the timestamps in ``RUN/logs/<stage>.jsonl``; a stage's time is the span of its
   step records scaled by ``n/(n-1)`` to count the first step).
+* **Timings** (``timings``; only given a grid's ``timings.json``, as
+  ``properlm experiments`` does): the grid's wall seconds per variant and stage
+  (stages copied from the main run, each stage trained, each decoding
+  evaluated), each variant's total and the grid's.
 
 Tables 1-3 and the expert sweep come once per decoding among the runs' methods
 (free generation, then ``@labels``, ``@labels-norm``, ``@expected``): ``table1``
@@ -47,17 +51,18 @@ from typing import Sequence
 
 from properlm.evaluate.evaluate import load_results, write_csv
 from properlm.evaluate.metrics import HIGHER_IS_BETTER
-from properlm.evaluate.tables import ablation_flags, build_tables, decoding_suffixes, main_runs, run_kind
+from properlm.evaluate.tables import (ablation_flags, build_tables, decoding_suffixes, main_runs, run_kind,
+                                      timing_table)
 from properlm.io import write_json, write_text
 
 # --- writing --------------------------------------------------------------------------------------
 
 
-def _fmt(v) -> str:
+def _fmt(v, digits: int = 4) -> str:
     if v is None or v == "":
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.{digits}f}"
     return str(v)
 
 
@@ -80,8 +85,9 @@ def bootstrap_cells(b: dict) -> str:
 
 
 def markdown_table(table: dict) -> str:
-    """A table as GitHub Markdown; the best value of each metric column in bold, arrows for direction."""
-    cols = table["columns"]
+    """A table as GitHub Markdown; the best value of each metric column in bold, arrows for direction;
+    numbers to the table's ``digits`` decimals (default 4)."""
+    cols, digits = table["columns"], table.get("digits", 4)
     best = {}
     for c in cols:
         metric = c.rsplit(" ", 1)[-1]
@@ -90,7 +96,8 @@ def markdown_table(table: dict) -> str:
             best[c] = max(vals) if HIGHER_IS_BETTER[metric] else min(vals)
     lines = markdown_head(cols)
     for r in table["rows"]:
-        cells = [f"**{_fmt(r.get(c))}**" if c in best and r.get(c) == best[c] else _fmt(r.get(c)) for c in cols]
+        cells = [f"**{_fmt(r.get(c), digits)}**" if c in best and r.get(c) == best[c] else _fmt(r.get(c), digits)
+                 for c in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -167,7 +174,8 @@ def decoding_note(results: Sequence[dict]) -> str:
     return "; ".join(parts) + "."
 
 
-def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: bool = True) -> dict:
+def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: bool = True,
+           timings: dict[str, dict[str, float]] | None = None) -> dict:
     """Write the tables (Markdown, JSON, CSV) and figures for evaluated runs.
 
     Args:
@@ -175,6 +183,9 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
             dicts :func:`~properlm.evaluate.evaluate.evaluate_run` returned.
         out_dir: where the report files go (created).
         figures: also draw the figures (they need the main run's directory).
+        timings: a grid's wall seconds per variant and stage (``OUT/timings.json`` of
+            ``properlm experiments``): adds the ``timings`` table
+            (:func:`~properlm.evaluate.tables.timing_table`).
 
     Returns:
         ``{"tables": {name: table}, "bootstrap": [PROPER vs baselines], "gains": [who-gains rows],
@@ -187,6 +198,8 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
     out.mkdir(parents=True, exist_ok=True)
     results = [s if isinstance(s, dict) else load_results(s) for s in sources]
     tables = build_tables(results)
+    if timings:
+        tables["timings"] = timing_table(timings)
     files = []
     for name, t in tables.items():
         write_csv(out / f"{name}.csv", t["rows"], t["columns"])

@@ -28,9 +28,9 @@ from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_h
 from properlm.evaluate.stats import aligned_users, cluster_bootstrap, judged
 from properlm.io import read_json, write_json, write_text
 
-#: the tables combined over seeds, each once per decoding (``table1``, ``table1@labels``, ...); the
-#: efficiency table is per run, not a score
-SEED_TABLES = ("table1", "table2", "table3", "experts")
+#: the tables combined over seeds, the scores' once per decoding (``table1``, ``table1@labels``, ...),
+#: and the grid's wall times; the efficiency table is per run, not a score
+SEED_TABLES = ("table1", "table2", "table3", "experts", "timings")
 _KEY_COLUMNS = ("method", "variant", "num_experts")
 
 
@@ -70,7 +70,7 @@ def combine_tables(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[str, dict
                           "n": len(vals), "values": vals}
             rows.append(row)
         out[name] = {"title": tables[0].get("title", name), "columns": columns, "rows": rows,
-                     **({"decoding": tables[0]["decoding"]} if "decoding" in tables[0] else {})}
+                     **{k: tables[0][k] for k in ("decoding", "digits") if k in tables[0]}}
     return out
 
 
@@ -102,18 +102,31 @@ def pooled_rows(main_runs: list[Path]) -> list[dict]:
             if (b := pooled_bootstrap(main_runs, "proper" + suffix, other + suffix)) is not None]
 
 
-def _cell(v) -> str:
+def _cell(v, digits: int = 4) -> str:
     if isinstance(v, dict):
-        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["n"] > 1 else f"{v['mean']:.4f}"
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}" if v["n"] > 1 else f"{v['mean']:.{digits}f}"
     return "" if v is None else str(v)
 
 
 def markdown(table: dict) -> str:
-    """A combined table as GitHub Markdown (mean ± sd; arrows for each metric's direction)."""
-    cols = table["columns"]
+    """A combined table as GitHub Markdown (mean ± sd to the table's ``digits`` decimals, default 4;
+    arrows for each metric's direction)."""
+    cols, digits = table["columns"], table.get("digits", 4)
     lines = markdown_head(cols)
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in table["rows"]]
+    lines += ["| " + " | ".join(_cell(r.get(c), digits) for c in cols) + " |" for r in table["rows"]]
     return "\n".join(lines)
+
+
+def seed_wall_times(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[int, float]:
+    """Seed -> its grid's total wall seconds, from its report's timing table (seeds without one left out)."""
+    from properlm.evaluate.tables import GRID_TOTAL
+
+    out = {}
+    for s, tables in per_seed.items():
+        row = next((r for r in tables.get("timings", {}).get("rows", []) if r.get("variant") == GRID_TOTAL), None)
+        if row is not None:
+            out[s] = float(row["total"])
+    return out
 
 
 def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> dict:
@@ -133,6 +146,10 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
           "the seeds.", ""]
     for t in tables.values():
         md += [f"## {t['title']}", "", markdown(t), ""]
+    walls = seed_wall_times(per_seed)
+    if walls:
+        md += [f"Wall time of the grids: {sum(walls.values()):.1f} s in all ("
+               + ", ".join(f"seed {s}: {w:.1f} s" for s, w in walls.items()) + ").", ""]
     if boot:
         md += ["## PROPER against the baselines, all seeds' queries", "",
                "Paired bootstrap (10,000 resamples) of the per-query difference, PROPER minus the other method, "
@@ -143,6 +160,6 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
         md += [""]
     write_text(out / "report.md", "\n".join(md) + "\n")
     summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,
-               "bootstrap": boot}
+               "bootstrap": boot, "wall_seconds": {str(s): w for s, w in walls.items()}}
     write_json(out / "report.json", summary)
     return {**summary, "files": [str(out / "report.md"), str(out / "report.json")]}

@@ -21,6 +21,7 @@ TABLE_TITLES = {
     "table3": "Table 3: ablations of PROPER",
     "experts": "Number of group experts K",
     "efficiency": "Efficiency: trainable parameters and training time",
+    "timings": "Wall time of the grid per variant and stage (seconds)",
 }
 #: The tables built once per decoding (the others describe the runs, not their answers).
 DECODED_TABLES = ("table1", "table2", "table3", "experts")
@@ -289,6 +290,27 @@ def build_tables(results: Sequence[dict]) -> dict[str, dict]:
         tables["efficiency"] = {"columns": ["task", *_EFFICIENCY_COLUMNS], "rows": eff,
                                 "title": TABLE_TITLES["efficiency"]}
     return tables
+
+
+#: The grid's stages in the order they run (``copy``: stages copied from the main run).
+TIMING_STAGES = ("copy", "population", "group", "user", "eval-free", "eval-labels")
+#: The timing table's last row.
+GRID_TOTAL = "grid total"
+
+
+def timing_table(timings: dict[str, dict[str, float]]) -> dict:
+    """Wall seconds per variant (rows) and stage (columns: those any variant has, in
+    :data:`TIMING_STAGES` order), each variant's total and a last row with the grid's totals.
+
+    ``timings`` is ``OUT/timings.json`` of ``properlm experiments``: ``{variant: {stage: seconds}}``.
+    """
+    given = dict.fromkeys(s for t in timings.values() for s in t)
+    stages = [s for s in TIMING_STAGES if s in given] + [s for s in given if s not in TIMING_STAGES]
+    rows = [{"variant": name, **{s: t[s] for s in stages if s in t}, "total": round(sum(t.values()), 3)}
+            for name, t in timings.items()]
+    total = {"variant": GRID_TOTAL, **{s: round(sum(r.get(s, 0.0) for r in rows), 3) for s in [*stages, "total"]}}
+    return {"columns": ["variant", *stages, "total"], "rows": [*rows, total], "digits": 1,
+            "title": TABLE_TITLES["timings"]}
 
 
 def decoding_suffixes(methods) -> list[str]:
