@@ -86,6 +86,40 @@ def test_stage_2_ablations_are_compared_at_stage_2():
         ("w/ end-to-end", "proper", 1.65)]
 
 
+def test_table_3_says_how_each_row_routes_the_targets_at_stage_2_from_its_config(tmp_path):
+    """Table 1's stage-2 row fits an embedding per target user; a text router has none to fit, so its
+    stage-2 row is not on the same footing. The column says which rows are, read from each run's config."""
+    from properlm.evaluate.tables import ROUTING_COLUMN
+
+    runs = [_result("main", 0.5, methods=("stage2", "proper")),
+            _result("text", 0.7, group=GroupConfig(router="text"), methods=("stage2",)),
+            _result("nocon", 0.6, group=GroupConfig(constraint_weight=0.0), methods=("stage2",)),
+            _result("nocon-mean", 0.65, group=GroupConfig(constraint_weight=0.0, unseen="mean"), methods=("stage2",)),
+            _result("e2e", 0.8, extra={"user.end_to_end": True})]
+    t3 = build_tables(runs)["table3"]
+    assert t3["columns"][:3] == ["variant", ROUTING_COLUMN, "method"]
+    assert [(r["variant"], r[ROUTING_COLUMN]) for r in t3["rows"]] == [
+        ("PROPER (full)", "fitted embedding"), ("PROPER (full), stage 2", "fitted embedding"),
+        ("w/ text router, stage 2", "text only (no user embedding)"),
+        ("w/ no constraint loss, stage 2", "fitted embedding"), ("w/ no constraint loss, stage 2", "mean embedding"),
+        ("w/ end-to-end", "embedding learned end-to-end")]
+    report(runs, tmp_path / "rep", figures=False)
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| w/ text router, stage 2 | text only (no user embedding) | stage2 |" in md
+    assert "router reads the text alone, so its stage-2 row gets no per-user fit" in md
+
+
+def test_seeds_report_keeps_table_3s_routing_column():
+    from properlm.evaluate.seeds import combine_tables
+    from properlm.evaluate.tables import ROUTING_COLUMN
+
+    runs = lambda mae: [_result("main", mae), _result("text", 0.7, group=GroupConfig(router="text"),  # noqa: E731
+                                                      methods=("stage2",))]
+    t = combine_tables({0: build_tables(runs(0.5)), 1: build_tables(runs(0.7))})["table3"]
+    assert [(r["variant"], r[ROUTING_COLUMN], r["LaMP-3 mae"]["n"]) for r in t["rows"]] == [
+        ("PROPER (full)", "fitted embedding", 2), ("w/ text router, stage 2", "text only (no user embedding)", 2)]
+
+
 def test_runs_are_sorted_into_tables():
     runs = _runs()
     assert [run_kind(r["config"]) for r in runs] == ["main", "main", "main", "low-resource", "ablation", "ablation",
@@ -120,7 +154,8 @@ def test_report_files_are_well_formed(tmp_path):
                      "report.json"}
     with open(tmp_path / "rep" / "table3.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["variant", "method", "LaMP-3 mae", "LaMP-3 rmse"] and len(rows) == 4
+    assert list(rows[0]) == ["variant", "stage-2 routing of targets", "method", "LaMP-3 mae", "LaMP-3 rmse"]
+    assert len(rows) == 4
     with open(tmp_path / "rep" / "per_user.csv", newline="") as f:
         pu = list(csv.DictReader(f))
     assert list(pu[0]) == ["run", "task", "method", "user_id", "history_len", "n_queries", "mae", "rmse"]

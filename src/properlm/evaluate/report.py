@@ -51,8 +51,8 @@ from typing import Sequence
 
 from properlm.evaluate.evaluate import load_results, write_csv
 from properlm.evaluate.metrics import HIGHER_IS_BETTER
-from properlm.evaluate.tables import (ablation_flags, build_tables, decoding_suffixes, main_runs, run_kind,
-                                      timing_table)
+from properlm.evaluate.tables import (ROUTING_COLUMN, ablation_flags, build_tables, decoding_suffixes, main_runs,
+                                      run_kind, timing_table)
 from properlm.io import write_json, write_text
 
 # --- writing --------------------------------------------------------------------------------------
@@ -160,6 +160,16 @@ def gains_section(results: Sequence[dict], out: Path, figures: bool) -> tuple[li
     return rows, figs
 
 
+#: Under Table 3: what its routing column says, and why the stage-2 rows differ in it.
+ROUTING_NOTE = (
+    f"`{ROUTING_COLUMN}`: how each row's run routes the target users (who were not in stage 2), from its "
+    "config. `fitted embedding` (`group.unseen=fit`, the default): each target's stage-2 embedding is fitted "
+    "on their own history after stage 2, as for Table 1's stage-2 row; `mean embedding` (`group.unseen=mean`): "
+    "the fallback, the mean learned embedding; `text only (no user embedding)` (`group.router=text`): the "
+    "router reads the text alone, so its stage-2 row gets no per-user fit for the targets while a "
+    "user-aware row does; `embedding learned end-to-end`: the targets' embeddings train with their LoRAs.")
+
+
 def decoding_note(results: Sequence[dict]) -> str:
     """What decoding the reported methods used (LaMP's free generation unless a method says otherwise)."""
     from properlm.evaluate.evaluate import decoding_of
@@ -221,8 +231,10 @@ def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: b
     files += list(figs.values()) + ([out / "gains.csv"] if gain_rows else [])
     md = ["# PROPER evaluation report", "", "Runs: " + ", ".join(f"`{r['run_dir']}`" for r in results), ""]
     md += [decoding_note(results), ""]
-    for t in tables.values():
+    for name, t in tables.items():
         md += [f"## {t['title']}", "", markdown_table(t), ""]
+        if name.partition("@")[0] == "table3":
+            md += [ROUTING_NOTE, ""]
     boot = bootstrap_rows(main_runs(results))
     if boot:
         md += ["## PROPER against the baselines, paired bootstrap over users", "",

@@ -26,12 +26,15 @@ import numpy as np
 from properlm.errors import ProperError
 from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_head
 from properlm.evaluate.stats import aligned_users, cluster_bootstrap, judged
+from properlm.evaluate.tables import ROUTING_COLUMN
 from properlm.io import read_json, write_json, write_text
 
 #: the tables combined over seeds, the scores' once per decoding (``table1``, ``table1@labels``, ...),
 #: and the grid's wall times; the efficiency table is per run, not a score
 SEED_TABLES = ("table1", "table2", "table3", "experts", "timings")
-_KEY_COLUMNS = ("method", "variant", "num_experts")
+#: the cells a row is matched by across seeds (Table 3's routing too: two runs of one variant name
+#: that route their targets differently are two rows)
+_KEY_COLUMNS = ("method", "variant", "num_experts", ROUTING_COLUMN)
 
 
 def _key(row: dict) -> tuple:

@@ -63,6 +63,28 @@ def ablation_flags(config: dict) -> list[str]:
     return flags
 
 
+#: Table 3's column saying how each row's run routes the target users at stage 2.
+ROUTING_COLUMN = "stage-2 routing of targets"
+
+
+def target_routing(config: dict) -> str:
+    """How a run's stage-2 model routes the target users (not in stage 2), from its config.
+
+    ``"fitted embedding"``: each target's embedding fitted on their own history after
+    stage 2 (``group.unseen=fit``, the default; Table 1's stage-2 row has it too);
+    ``"mean embedding"``: ``group.unseen=mean``, the fallback; ``"text only (no user
+    embedding)"``: ``group.router=text`` has no embedding, so nothing is fitted;
+    ``"embedding learned end-to-end"``: the end-to-end ablation trains the targets'
+    embeddings with their LoRAs.
+    """
+    c = flatten(config)
+    if c.get("group.router") == "text":
+        return "text only (no user embedding)"
+    if any(k.rsplit(".", 1)[-1].endswith("end_to_end") and bool(v) for k, v in c.items()):
+        return "embedding learned end-to-end"
+    return "mean embedding" if c.get("group.unseen", "fit") == "mean" else "fitted embedding"
+
+
 def run_kind(config: dict) -> str:
     """``"low-resource"``, ``"ablation"`` or ``"main"``."""
     if flatten(config).get("data.split") == "low-resource":
@@ -123,8 +145,9 @@ def _final_method(r: dict, suffix: str = "") -> str | None:
 
 def _variant_table(entries: Sequence[tuple], first: str, suffix: str = "") -> dict:
     """Rows of (fixed leading cells, run[, method]): the method's scores (default: PROPER, else stage 2,
-    decoded as ``suffix`` says)."""
+    decoded as ``suffix`` says). The leading cells' keys come first in the columns (``first`` the first)."""
     cols = _metric_columns([e[1] for e in entries])
+    lead_cols = list(dict.fromkeys([first, *(k for e in entries for k in e[0])]))
     rows = []
     for entry in entries:
         lead, r = entry[0], entry[1]
@@ -133,7 +156,7 @@ def _variant_table(entries: Sequence[tuple], first: str, suffix: str = "") -> di
         if m and r["methods"].get(m, {}).get("metrics"):
             row.update({_col(r["task"], k): v for k, v in r["methods"][m]["metrics"].items()})
         rows.append(row)
-    return {"columns": [first, "method", *[_col(*c) for c in cols]], "rows": rows}
+    return {"columns": [*lead_cols, "method", *[_col(*c) for c in cols]], "rows": rows}
 
 
 #: Ablations of stage 2: measured at stage 2, as the paper does (later stages sit on a fixed stage 2).
@@ -142,23 +165,25 @@ STAGE2_ABLATIONS = {"text router", "no constraint loss"}
 
 def ablation_entries(mains: dict[str, dict], abl: Sequence[dict], suffix: str = "") -> list[tuple[dict, dict, str]]:
     """Table 3's rows: stage-2 ablations against full PROPER at stage 2 (plus labelled after-stage-3 rows),
-    stage-3 ablations against full PROPER after stage 3; every method decoded as ``suffix`` says."""
+    stage-3 ablations against full PROPER after stage 3; every method decoded as ``suffix`` says. Each
+    row also says how its run routes the target users at stage 2 (:data:`ROUTING_COLUMN`)."""
     has = lambda r, m: bool(r["methods"].get(m + suffix, {}).get("metrics"))  # noqa: E731
+    lead = lambda name, r: {"variant": name, ROUTING_COLUMN: target_routing(r["config"])}  # noqa: E731
     at2 = [r for r in abl if set(ablation_flags(r["config"])) <= STAGE2_ABLATIONS]
     entries: list[tuple[dict, dict, str]] = []
     for r in mains.values():
-        entries.append(({"variant": "PROPER (full)"}, r, "proper" + suffix))
+        entries.append((lead("PROPER (full)", r), r, "proper" + suffix))
         if at2 and has(r, "stage2"):
-            entries.append(({"variant": "PROPER (full), stage 2"}, r, "stage2" + suffix))
+            entries.append((lead("PROPER (full), stage 2", r), r, "stage2" + suffix))
     for r in abl:
         name = "w/ " + " + ".join(ablation_flags(r["config"]))
         if r in at2:
             if has(r, "stage2") or not has(r, "proper"):
-                entries.append(({"variant": f"{name}, stage 2"}, r, "stage2" + suffix))
+                entries.append((lead(f"{name}, stage 2", r), r, "stage2" + suffix))
             if has(r, "proper"):
-                entries.append(({"variant": f"{name}, after stage 3"}, r, "proper" + suffix))
+                entries.append((lead(f"{name}, after stage 3", r), r, "proper" + suffix))
         else:
-            entries.append(({"variant": name}, r, _final_method(r, suffix) or "proper" + suffix))
+            entries.append((lead(name, r), r, _final_method(r, suffix) or "proper" + suffix))
     return entries
 
 
