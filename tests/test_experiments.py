@@ -115,4 +115,4 @@ def test_seeds_give_one_grid_each_and_a_report_of_mean_and_sd(tmp_path):
                     for s in (0, 1))
     assert boot["stage1"]["n"] == n_queries and boot["stage1"]["runs"] == 2
     md = (out / "report" / "report.md").read_text()
-    assert "±" in md and "all seeds' queries" in md
+    assert "±" in md and "10,000 resamples of (seed, user) pairs" in md

@@ -85,3 +85,6 @@ def test_seeds_report_combines_each_decoding_and_bootstraps_each(tmp_path):
     assert {(b["method"], b["other"]) for b in res["bootstrap"]} == {("proper", "stage1"),
                                                                      ("proper@labels", "stage1@labels")}
     assert all(b["n_users"] == 8 and b["n_queries"] == 16 for b in res["bootstrap"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "paired bootstrap over (seed, user) pairs" in md and "10,000 resamples of (seed, user) pairs" in md
+    assert "held-out queries" not in md  # the intervals resample users, not queries

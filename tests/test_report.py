@@ -120,6 +120,17 @@ def test_seeds_report_keeps_table_3s_routing_column():
         ("PROPER (full)", "fitted embedding", 2), ("w/ text router, stage 2", "text only (no user embedding)", 2)]
 
 
+def test_decoding_note_names_every_label_decoding():
+    from properlm.evaluate.report import decoding_note
+
+    note = decoding_note([_result("main", 0.5, methods=("proper", "proper@labels", "proper@labels-norm",
+                                                         "proper@expected"))])
+    assert "`@labels`: the label with the highest likelihood (summed log-probability)" in note
+    assert "`@labels-norm`: the label with the best mean log-probability per token" in note
+    assert "`@expected`" in note and "(methods without a suffix)" in note
+    assert "@labels-norm" not in decoding_note([_result("main", 0.5, methods=("proper", "proper@labels"))])
+
+
 def test_runs_are_sorted_into_tables():
     runs = _runs()
     assert [run_kind(r["config"]) for r in runs] == ["main", "main", "main", "low-resource", "ablation", "ablation",

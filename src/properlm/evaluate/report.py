@@ -178,7 +178,9 @@ def decoding_note(results: Sequence[dict]) -> str:
     parts = ["Decoding: free generation, greedy, parsed as LaMP does" + ("" if kinds <= {"free"} else
              " (methods without a suffix)")]
     if "labels" in kinds:
-        parts.append("`@labels`: the label with the highest likelihood as the answer")
+        parts.append("`@labels`: the label with the highest likelihood (summed log-probability) as the answer")
+    if "labels-norm" in kinds:
+        parts.append("`@labels-norm`: the label with the best mean log-probability per token as the answer")
     if "expected" in kinds:
         parts.append("`@expected`: the expected rating under the labels' likelihoods")
     return "; ".join(parts) + "."

@@ -6,13 +6,14 @@
 
 Each seed's grid (``OUT/seed-<s>/``) has its own report (``OUT/seed-<s>/report/``).
 This combines them: every numeric cell of Tables 1-3 and the expert sweep as
-mean ± standard deviation over the seeds (sample standard deviation, n-1), and
-PROPER against stage 1, stage 2 and the OPPU baselines by a paired bootstrap on
-the per-query scores of all seeds' main runs together, resampling (seed, user)
-pairs: each pair is one cluster, drawn with all its queries (a user's queries in
-one seed share that seed's adapter; a seed changes the data draw of a synthetic
-task as well as the initialisations and the data order, so the same user id in
-two seeds is two clusters).
+mean ± standard deviation over the seeds (sample standard deviation, n-1), each
+decoding's tables apart, the grid's wall times likewise, and PROPER against
+stage 1, stage 2 and the OPPU baselines (each decoding alike) by a paired
+bootstrap over all seeds' main runs together that resamples (seed, user)
+pairs, not queries: each pair is one cluster, drawn with all its queries (a
+user's queries in one seed share that seed's adapter; a seed changes the data
+draw of a synthetic task as well as the initialisations and the data order, so
+the same user id in two seeds is two clusters).
 """
 
 from __future__ import annotations
@@ -154,10 +155,12 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
         md += [f"Wall time of the grids: {sum(walls.values()):.1f} s in all ("
                + ", ".join(f"seed {s}: {w:.1f} s" for s, w in walls.items()) + ").", ""]
     if boot:
-        md += ["## PROPER against the baselines, all seeds' queries", "",
-               "Paired bootstrap (10,000 resamples) of the per-query difference, PROPER minus the other method, "
-               "over the held-out queries of every seed's main run together, resampling (seed, user) pairs with "
-               "all their queries; users counts those pairs.", "",
+        md += ["## PROPER against the baselines over all seeds, paired bootstrap over (seed, user) pairs", "",
+               "Difference of per-query means over every seed's main run together (PROPER minus the other "
+               "method, each decoding alike), its 95% interval from 10,000 resamples of (seed, user) pairs (each "
+               "drawn pair with all its queries: a user's queries in one seed share that seed's adapter, and the "
+               "same user id in two seeds is two pairs), the pairs (users) and queries it rests on, and whether "
+               "the whole interval is on PROPER's better side.", "",
                f"| vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|"]
         md += [f"| {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
