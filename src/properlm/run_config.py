@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+#: How users not in stage 2 get their stage-2 embedding (``group.unseen``).
+UNSEEN = ("fit", "instant", "mean")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -116,8 +118,11 @@ class GroupConfig:
         unseen: how users not in stage 2 (the targets, users added later) are routed:
             "fit" (each one's embedding is fitted on their own history with everything
             else frozen, starting from the mean embedding: they join the group their
-            data points to) or "mean" (the mean learned embedding for all of them).
-            Used by the stage-2 model of every table and carried into stage 3's router.
+            data points to), "instant" (each one's embedding is predicted from their
+            history in one forward pass by an encoder fitted after stage 2 on the training
+            users, no gradient step: properlm.train.instant) or "mean" (the mean learned
+            embedding for all of them). Used by the stage-2 model of every table and
+            carried into stage 3's router.
         unseen_epochs: passes over a user's history when fitting their embedding.
         unseen_lr: learning rate of that fit (None: ``user_lr``, else ``lr``).
     """
@@ -144,7 +149,7 @@ class GroupConfig:
 
     def __post_init__(self):
         _check(self.num_experts >= 1, "group.num_experts must be >= 1")
-        _check(self.unseen in ("fit", "mean"), f"group.unseen must be fit or mean, got {self.unseen!r}")
+        _check(self.unseen in UNSEEN, f"group.unseen must be fit, instant or mean, got {self.unseen!r}")
         _check(self.unseen_epochs >= 1, "group.unseen_epochs must be >= 1")
         _check(self.router in ("user-aware", "text"), f"group.router must be user-aware or text, got {self.router!r}")
         _check(self.constraint_weight >= 0, "group.constraint_weight must be >= 0")

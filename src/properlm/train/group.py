@@ -8,16 +8,20 @@ learned embedding ``e_u`` per training user. Several users share each batch so
 the constraint loss (mean cosine of different users' routing vectors) has
 pairs. Saves ``RUN/group/experts.safetensors`` (experts and routers, with the
 fallback embedding for unseen users) and each training user's embedding to the
-user store (``RUN/store/emb``).
+user store (``RUN/store/emb``). With ``group.unseen=instant`` it also fits the
+instant encoder (:mod:`properlm.train.instant`), saved as
+``RUN/group/instant.safetensors``, and gives the target users its embeddings.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from properlm.io import atomic_dir
+from properlm.errors import ProperError
+from properlm.io import SUMS, atomic_dir, verify_dir, write_json
 from properlm.model.proper import ProperModel
 from properlm.model.user_params import UserParams
 from properlm.run_config import RunConfig
@@ -25,6 +29,8 @@ from properlm.store.run import EMB, bank_dir
 from properlm.store.user_store import UserStore
 from properlm.train import distributed as D
 from properlm.train.examples import Example, encode
+from properlm.train.instant import (INSTANT_FILE, INSTANT_REPORT, InstantEncoder, instant_embeddings,
+                                    train_encoder)
 from properlm.train.loop import seed_everything
 from properlm.train.multiuser import MultiUserSpec, run_multiuser
 
@@ -32,7 +38,7 @@ STAGE = "group"
 
 
 def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
-                unseen: list[Example] | None = None) -> Path:
+                unseen: list[Example] | None = None, history: list[Example] | None = None) -> Path:
     """Add stage-2 experts and routers to ``pm``, train them on ``examples``, save them.
 
     Args:
@@ -43,7 +49,10 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
         examples: training users' pairs (their ids become the embedding table).
         resume: continue from this stage's last checkpoint.
         unseen: the target users' history pairs: with ``group.unseen=fit`` their
-            embeddings are fitted on them once the stage has trained (:func:`fit_unseen`).
+            embeddings are fitted on them once the stage has trained (:func:`fit_unseen`),
+            with ``instant`` the instant encoder gives them (:func:`store_instant`).
+        history: the training users' history pairs (without their queries), which the
+            instant encoder reads (default: ``examples``).
     """
     gc = cfg.group
     seed_everything(cfg.seed)
@@ -63,16 +72,33 @@ def train_group(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: l
     for p in shared.values():
         p.requires_grad_(False)
     pm.set_fallback_embedding()
+    encoder = None
     if isinstance(pm.user_embs, UserParams):
         if D.is_main():  # every rank holds every user's embedding: one writes them
             store_embeddings(pm, run_dir, users)
         D.barrier()
         if unseen and gc.unseen == "fit":
             fit_unseen(cfg, run_dir, pm, tok, unseen, resume=resume, stage=f"{STAGE}/fit")
+        elif gc.unseen == "instant":
+            encoder = train_encoder(pm, tok, history if history is not None else examples, cfg.data.max_len,
+                                    cfg.bf16, cfg.seed)
+            if unseen:  # every rank runs the forward passes (a sharded model needs them all); one writes
+                store_instant(cfg, run_dir, pm, tok, encoder, unseen)
+            D.barrier()
     if D.is_main():
-        save_group(pm, run_dir / STAGE)
+        save_group(pm, run_dir / STAGE, encoder)
     D.barrier()
     return run_dir / STAGE
+
+
+def store_instant(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, encoder: InstantEncoder,
+                  examples: list[Example]) -> list[str]:
+    """Give the users of ``examples`` (their history) the instant encoder's embedding, no gradient step, and
+    write it to ``RUN/store/emb``; the users written."""
+    embs = instant_embeddings(pm, tok, encoder, examples, cfg.data.max_len, cfg.bf16)
+    if D.is_main():
+        emb_bank(run_dir, pm).put_many({u: {"params": t} for u, t in embs.items()})
+    return sorted(embs)
 
 
 def fit_unseen(cfg: RunConfig, run_dir: Path, pm: ProperModel, tok, examples: list[Example], resume: bool = False,
@@ -127,8 +153,39 @@ def store_embeddings(pm: ProperModel, run_dir: Path, users: list[str]) -> UserSt
     return store
 
 
-def save_group(pm: ProperModel, out: Path) -> Path:
-    """Write the experts and routers (``RUN/group/experts.safetensors``) as one directory, atomically."""
+def save_group(pm: ProperModel, out: Path, encoder: InstantEncoder | None = None) -> Path:
+    """Write the experts and routers (``RUN/group/experts.safetensors``), and the instant encoder when
+    given, as one directory, atomically."""
     with atomic_dir(out, checksums=True) as tmp:
         save_file(pm.stage_state(("experts", "router")), str(tmp / "experts.safetensors"))
+        if encoder is not None:
+            write_encoder(encoder, tmp)
     return out
+
+
+def write_encoder(encoder: InstantEncoder, group_dir: Path) -> None:
+    """The encoder and its report (JSON, for reading) into a stage-2 directory being written."""
+    encoder.save(group_dir / INSTANT_FILE)
+    write_json(group_dir / INSTANT_REPORT, encoder.report)
+
+
+def add_encoder(run_dir: Path, encoder: InstantEncoder) -> Path:
+    """Put ``encoder`` into a finished run's ``RUN/group`` (rewritten whole, atomically, with new checksums;
+    the experts' bytes unchanged)."""
+    group = Path(run_dir) / STAGE
+    verify_dir(group)
+    with atomic_dir(group, checksums=True) as tmp:
+        for f in sorted(group.iterdir()):
+            if f.is_file() and f.name not in (SUMS, INSTANT_FILE, INSTANT_REPORT):
+                shutil.copyfile(f, tmp / f.name)
+        write_encoder(encoder, tmp)
+    return group
+
+
+def load_encoder(run_dir: Path) -> InstantEncoder:
+    """The run's instant encoder (``ProperError`` when it has none)."""
+    path = Path(run_dir) / STAGE / INSTANT_FILE
+    if not path.exists():
+        raise ProperError(f"{run_dir}: no instant encoder ({STAGE}/{INSTANT_FILE}); fit one with "
+                          f"properlm instant fit --run {run_dir}")
+    return InstantEncoder.load(path)

@@ -33,6 +33,7 @@ FILES = {
     "population/adapter_model.safetensors": "stage 1 population LoRA (PEFT layout), merged into the base by later stages",
     "population/adapter_config.json": "stage 1 PEFT adapter config",
     "group/experts.safetensors": "stage 2 LoRA experts and routers per FFN linear (with the fallback embedding)",
+    "group/instant.safetensors": "instant encoder: a user's stage-2 embedding from their history (group.unseen=instant)",
     "user/router.safetensors": "stage 3 shared LoRA-aware router",
     "store/emb": "user bank: stage-2 embedding per user (training users, fitted unseen users)",
     "store/lora": "user bank: stage-3 LoRA (and AdamW moments) per user",
@@ -166,7 +167,10 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
             raise ProperError(f"stage {s}: no training examples (check the data split)")
         fn = {"population": train_population, "group": train_group,
               "user": train_end_to_end if e2e else train_users}[s]
-        extra = {"unseen": stage_examples(ds.task, "user", train_u, target_u)} if s == "group" else {}
+        extra = {}
+        if s == "group":  # the targets (fitted or given instant embeddings) and the training users' history alone
+            extra = {"unseen": stage_examples(ds.task, "user", train_u, target_u),
+                     "history": stage_examples(ds.task, "user", [], train_u)}
         fn(cfg, run_dir, model, tok, ex, resume=resume, **extra)
         # Outputs are in place: the in-stage checkpoint is no longer needed.
         D.barrier()
