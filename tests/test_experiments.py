@@ -44,7 +44,11 @@ def test_cli_passes_decode_through(monkeypatch, capsys):
     import properlm.experiments as ex
 
     seen = {}
-    monkeypatch.setattr(ex, "run_experiments", lambda *a, decode=None, **k: seen.update(decode=decode) or {"tables": {}})
+    def fake(*args, decode=None, **kwargs):
+        seen["decode"] = decode
+        return {"tables": {}}
+
+    monkeypatch.setattr(ex, "run_experiments", fake)
     parser = argparse.ArgumentParser(prog="properlm")
     ex.register(parser.add_subparsers())
     args = parser.parse_args(["experiments", "--out", "x", "--decode", "labels"])

@@ -5,8 +5,9 @@
     properlm experiments --out runs/seeds --seeds 0,1,2 data.synth_queries=10   # mean ± sd over seeds
 
 One run directory per variant under ``--out``, then one report over all of them
-(``OUT/report/``: Table 1, Table 2, Table 3, the expert-count sweep, the
-efficiency table and the figures; see docs/evaluation.md):
+(``OUT/report/``: Table 1, Table 2, Table 3, the expert-count sweep, each per
+decoding, the efficiency table, the grid's timing table and the figures; see
+docs/evaluation.md), and each stage's wall time in ``OUT/timings.json``:
 
 ==================  ===============================================  ===================  ==========
 variant             overrides on the config                          stages reused        report
@@ -24,7 +25,8 @@ experts-2/-8        ``group.num_experts=2`` / ``8``                  population 
 A variant that changes only later stages starts from a copy of the main run's
 earlier stages (same data, split and settings, so the same weights), which
 saves most of its cost. Everything resumes: finished stages are skipped,
-evaluated methods are not evaluated again.
+evaluated methods are not evaluated again, and the times of work done in an
+earlier call are kept (:func:`timed`).
 
 ``--decode`` (:func:`variant_decodings`) says how the methods answer. By
 default, on a classification or rating task, the main run is evaluated twice:
@@ -128,6 +130,15 @@ def filed_methods(method: str, decode: str, task) -> list[str]:
     return [method + LABEL_SUFFIX, method + NORM_SUFFIX] + ([method + EXPECTED_SUFFIX] if task.kind == "rating" else [])
 
 
+def variant_config(name: str, config: str | Path | None, overrides: list[str]):
+    """A variant's RunConfig: the grid's config (default: configs/demo.yaml) and overrides, then the variant's."""
+    from properlm.config import load_config
+    from properlm.demo import default_config
+    from properlm.run_config import RunConfig
+
+    return load_config(RunConfig, config or default_config(), [*overrides, *VARIANTS[name][0]])
+
+
 def grid_task(cfg):
     """The task of the grid's data (every variant has the same data)."""
     from properlm.data.tasks import get_task
@@ -221,21 +232,17 @@ def run_experiments(out: str | Path, config: str | Path | None = None, overrides
     ``"seconds"``: wall seconds per variant (training + evaluation, this call), and
     ``"timings"``: the selected variants' times per stage, over every call.
     """
-    from properlm.config import load_config
-    from properlm.demo import default_config
-    from properlm.run_config import RunConfig
-
     out = Path(out)
     names = select(only)
-    load = lambda name: load_config(RunConfig, config or default_config(), [*overrides, *VARIANTS[name][0]])  # noqa: E731
-    task = grid_task(load(names[0]))
+    task = grid_task(variant_config(names[0], config, overrides))
     decodes = {name: variant_decodings(name, decode, task) for name in names}  # refused before any training
     seconds: dict[str, float] = {}
     timings = read_timings(out)
     for i, name in enumerate(names, 1):
-        cfg = load(name)
+        cfg = variant_config(name, config, overrides)
         extra = VARIANTS[name][0]
-        log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}; decoding: {', '.join(decodes[name])}")
+        log(f"[{i}/{len(names)}] {name}: {' '.join(extra) or 'the config as given'}; "
+            f"decoding: {', '.join(decodes[name])}")
         t0 = time.time()
         train_variant(cfg, out, name, timings)
         evaluate_variant(out, name, decodes[name], task, cfg.progress, timings)
