@@ -95,6 +95,8 @@ def test_table_3_says_how_each_row_routes_the_targets_at_stage_2_from_its_config
             _result("text", 0.7, group=GroupConfig(router="text"), methods=("stage2",)),
             _result("nocon", 0.6, group=GroupConfig(constraint_weight=0.0), methods=("stage2",)),
             _result("nocon-mean", 0.65, group=GroupConfig(constraint_weight=0.0, unseen="mean"), methods=("stage2",)),
+            _result("nocon-instant", 0.66, group=GroupConfig(constraint_weight=0.0, unseen="instant"),
+                    methods=("stage2",)),
             _result("e2e", 0.8, extra={"user.end_to_end": True})]
     t3 = build_tables(runs)["table3"]
     assert t3["columns"][:3] == ["variant", ROUTING_COLUMN, "method"]
@@ -102,6 +104,7 @@ def test_table_3_says_how_each_row_routes_the_targets_at_stage_2_from_its_config
         ("PROPER (full)", "fitted embedding"), ("PROPER (full), stage 2", "fitted embedding"),
         ("w/ text router, stage 2", "text only (no user embedding)"),
         ("w/ no constraint loss, stage 2", "fitted embedding"), ("w/ no constraint loss, stage 2", "mean embedding"),
+        ("w/ no constraint loss, stage 2", "instant-encoder embedding"),
         ("w/ end-to-end", "embedding learned end-to-end")]
     report(runs, tmp_path / "rep", figures=False)
     md = (tmp_path / "rep" / "report.md").read_text()

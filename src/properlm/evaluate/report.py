@@ -164,10 +164,13 @@ def gains_section(results: Sequence[dict], out: Path, figures: bool) -> tuple[li
 ROUTING_NOTE = (
     f"`{ROUTING_COLUMN}`: how each row's run routes the target users (who were not in stage 2), from its "
     "config. `fitted embedding` (`group.unseen=fit`, the default): each target's stage-2 embedding is fitted "
-    "on their own history after stage 2, as for Table 1's stage-2 row; `mean embedding` (`group.unseen=mean`): "
+    "on their own history after stage 2; `instant-encoder embedding` "
+    "(`group.unseen=instant`): predicted from their history by an encoder fitted after stage 2; "
+    "`mean embedding` (`group.unseen=mean`): "
     "the fallback, the mean learned embedding; `text only (no user embedding)` (`group.router=text`): the "
     "router reads the text alone, so its stage-2 row gets no per-user fit for the targets while a "
-    "user-aware row does; `embedding learned end-to-end`: the targets' embeddings train with their LoRAs.")
+    "user-aware row does; `embedding learned end-to-end`: the targets' embeddings train with their LoRAs. "
+    "Table 1's stage-2 row routes as the full PROPER rows here say.")
 
 
 def decoding_note(results: Sequence[dict]) -> str:

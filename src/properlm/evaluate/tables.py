@@ -65,6 +65,8 @@ def ablation_flags(config: dict) -> list[str]:
 
 #: Table 3's column saying how each row's run routes the target users at stage 2.
 ROUTING_COLUMN = "stage-2 routing of targets"
+#: ``group.unseen`` -> how a user-aware router's run routes its targets (see :func:`target_routing`).
+UNSEEN_ROUTING = {"fit": "fitted embedding", "instant": "instant-encoder embedding", "mean": "mean embedding"}
 
 
 def target_routing(config: dict) -> str:
@@ -72,17 +74,20 @@ def target_routing(config: dict) -> str:
 
     ``"fitted embedding"``: each target's embedding fitted on their own history after
     stage 2 (``group.unseen=fit``, the default; Table 1's stage-2 row has it too);
-    ``"mean embedding"``: ``group.unseen=mean``, the fallback; ``"text only (no user
-    embedding)"``: ``group.router=text`` has no embedding, so nothing is fitted;
-    ``"embedding learned end-to-end"``: the end-to-end ablation trains the targets'
-    embeddings with their LoRAs.
+    ``"instant-encoder embedding"``: ``group.unseen=instant``, predicted from their
+    history by the encoder fitted after stage 2; ``"mean embedding"``:
+    ``group.unseen=mean``, the fallback; ``"text only (no user embedding)"``:
+    ``group.router=text`` has no embedding, so nothing is fitted; ``"embedding
+    learned end-to-end"``: the end-to-end ablation trains the targets' embeddings
+    with their LoRAs.
     """
     c = flatten(config)
     if c.get("group.router") == "text":
         return "text only (no user embedding)"
     if any(k.rsplit(".", 1)[-1].endswith("end_to_end") and bool(v) for k, v in c.items()):
         return "embedding learned end-to-end"
-    return "mean embedding" if c.get("group.unseen", "fit") == "mean" else "fitted embedding"
+    unseen = c.get("group.unseen", "fit")
+    return UNSEEN_ROUTING.get(unseen, f"group.unseen={unseen}")
 
 
 def run_kind(config: dict) -> str:
