@@ -78,10 +78,11 @@ def test_a_killed_grid_resumes_without_retraining_and_keeps_the_first_calls_time
     with pytest.raises(Killed):
         run_experiments(out, cfg_path, only="experts-2", log=lambda m: None)
     first = json.loads((out / "timings.json").read_text())
-    assert set(first["main"]) == {"population", "group", "user", "eval-free", "eval-labels"}
+    assert set(first["main"]) == {"population", "group", "user", "oppu-kv", "oppu-mlp", "eval-free", "eval-labels"}
     assert set(first["experts-2"]) == {"copy", "group", "user"}  # user: the interrupted call's share
     assert all(v > 0 for v in first["main"].values())
     files = [*out.glob("main/*/*.safetensors"), *out.glob("main/eval/*/predictions.json"),
+             *out.glob("main/baselines/*/baseline.json"), *out.glob("main/store/oppu-*/**/*"),
              *out.glob("experts-2/group/*.safetensors"), *out.glob("experts-2/store/emb/**/*")]
     stamp = {p: p.stat().st_mtime_ns for p in files if p.is_file()}
     assert not (out / "experts-2" / "user").exists()

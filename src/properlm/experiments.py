@@ -206,20 +206,43 @@ def train_variant(cfg, out: Path, name: str, timings: dict) -> None:
                 train(cfg, run_dir, stages=(stage,), resume=True)
 
 
-def evaluate_variant(out: Path, name: str, decodes, task, progress: bool, timings: dict) -> None:
-    """Evaluate each method with each decoding unless its results are already filed; one method at a
-    time, each decoding's seconds added up as ``eval-<decoding>``."""
-    from properlm.evaluate.evaluate import evaluate_run
+def unevaluated(run_dir: Path, methods, decode: str, task) -> list[str]:
+    """The methods whose results for ``decode`` are not all filed in the run's summary yet."""
     from properlm.io import read_json
 
-    run_dir = out / name
     summary = run_dir / "eval" / "summary.json"
+    done = set(read_json(summary)["methods"]) if summary.exists() else set()
+    return [m for m in methods if not set(filed_methods(m, decode, task)) <= done]
+
+
+def train_baselines(out: Path, name: str, methods, timings: dict) -> None:
+    """Train the OPPU baselines among ``methods`` that are missing, each timed under its own name
+    (evaluating one would train it inside the first decoding's evaluation, and time it there)."""
+    from properlm.evaluate import baselines
+    from properlm.evaluate.evaluate import load_targets
+
+    run_dir = out / name
+    todo = [m for m in methods if m in baselines.OPPU_TARGETS and not baselines.oppu_trained(run_dir, m)]
+    if todo:
+        cfg, task, targets = load_targets(run_dir)
+        for m in todo:
+            with timed(out, timings, name, m):
+                baselines.train_oppu(cfg, run_dir, m, task.name, targets)
+
+
+def evaluate_variant(out: Path, name: str, decodes, task, progress: bool, timings: dict) -> None:
+    """Evaluate each method with each decoding unless its results are already filed: the OPPU baselines
+    trained first (:func:`train_baselines`), then one method at a time, each decoding's seconds added
+    up as ``eval-<decoding>``."""
+    from properlm.evaluate.evaluate import evaluate_run
+
+    run_dir = out / name
+    todo = {d: unevaluated(run_dir, VARIANTS[name][2], d, task) for d in decodes}
+    train_baselines(out, name, list(dict.fromkeys(m for ms in todo.values() for m in ms)), timings)
     for decode in decodes:
-        done = set(read_json(summary)["methods"]) if summary.exists() else set()
-        for m in VARIANTS[name][2]:
-            if not set(filed_methods(m, decode, task)) <= done:
-                with timed(out, timings, name, f"eval-{decode}"):
-                    evaluate_run(run_dir, methods=[m], progress=progress, decode=decode)
+        for m in todo[decode]:
+            with timed(out, timings, name, f"eval-{decode}"):
+                evaluate_run(run_dir, methods=[m], progress=progress, decode=decode)
 
 
 def run_experiments(out: str | Path, config: str | Path | None = None, overrides: list[str] = (),

@@ -20,8 +20,8 @@ give one column group per task; the rows are built in :mod:`properlm.evaluate.ta
   step records scaled by ``n/(n-1)`` to count the first step).
 * **Timings** (``timings``; only given a grid's ``timings.json``, as
   ``properlm experiments`` does): the grid's wall seconds per variant and stage
-  (stages copied from the main run, each stage trained, each decoding
-  evaluated), each variant's total and the grid's.
+  (stages copied from the main run, each stage trained, the OPPU baselines
+  trained, each decoding evaluated), each variant's total and the grid's.
 
 Tables 1-3 and the expert sweep come once per decoding among the runs' methods
 (free generation, then ``@labels``, ``@labels-norm``, ``@expected``): ``table1``

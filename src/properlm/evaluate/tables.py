@@ -322,8 +322,9 @@ def build_tables(results: Sequence[dict]) -> dict[str, dict]:
     return tables
 
 
-#: The grid's stages in the order they run (``copy``: stages copied from the main run).
-TIMING_STAGES = ("copy", "population", "group", "user", "eval-free", "eval-labels")
+#: The grid's stages in the order they run (``copy``: stages copied from the main run; ``oppu-*``: the
+#: OPPU baselines' training).
+TIMING_STAGES = ("copy", "population", "group", "user", "oppu-kv", "oppu-mlp", "eval-free", "eval-labels")
 #: The timing table's last row.
 GRID_TOTAL = "grid total"
 
