@@ -64,11 +64,14 @@ def test_generate_says_which_model_answered_and_refuses_unknown_users(trained, c
     assert f"personalized for {target}" in capsys.readouterr().err
     assert main(["generate", "--run", str(trained), "--user", "base", "--max-new-tokens", "2", "hello"]) == 0
     assert "non-personalized" in capsys.readouterr().err
-    # A mistyped id (or a stage-2 user without a LoRA) is an error naming it, not a silent fallback...
-    for user in ("nobody", split["train"][0]):
-        assert main(["generate", "--run", str(trained), "--user", user, "--max-new-tokens", "2", "hello"]) == 2
-        err = capsys.readouterr().err.strip()
-        assert f"unknown user '{user}'" in err and "\n" not in err
+    # A stage-2 user without a LoRA is answered by their group (their stage-2 embedding)...
+    trainer = split["train"][0]
+    assert main(["generate", "--run", str(trained), "--user", trainer, "--max-new-tokens", "2", "hello"]) == 0
+    assert f"personalized for {trainer} (their stage-2 group)" in capsys.readouterr().err
+    # ... a mistyped id is an error naming it, not a silent fallback...
+    assert main(["generate", "--run", str(trained), "--user", "nobody", "--max-new-tokens", "2", "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown user 'nobody'" in err and "\n" not in err
     # ... unless the caller asks for the fallback, and then the answer says so.
     assert main(["generate", "--run", str(trained), "--user", "nobody", "--fallback", "--max-new-tokens", "2", "x"]) == 0
     assert "non-personalized model (nobody has no personalized model)" in capsys.readouterr().err

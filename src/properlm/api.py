@@ -14,7 +14,10 @@ user) asks for the non-personalized model instead.
 Which model answers a user (:meth:`PersonalizedLM.model_for`):
 
 - ``"user-lora"``: the user's stage-3 LoRA (with their stage-2 group, if any);
-- ``"group"``: a run trained up to stage 2: the user's stage-2 embedding;
+- ``"group"``: the user's stage-2 embedding and no LoRA: a run trained up to stage 2, or
+  in a stage-3 run a user who has an embedding but no LoRA (yet): a new user given an
+  instant embedding while their LoRA trains, a stage-2 training user. Such a user is
+  answered exactly as by the stage-2 model (:class:`~properlm.model.layers.Router`);
 - ``"base"``: the non-personalized model (population + group experts, fallback routing).
 """
 
@@ -77,7 +80,9 @@ class PersonalizedLM:
 
     @property
     def users(self) -> list[str]:
-        """Users with a personalized model (a listing of the store: reads every shard's index)."""
+        """Users with a personalized model (a listing of the store: reads every shard's index). In a
+        stage-3 run, those with a LoRA: the users answered by their group alone (the stage-2 training
+        users, users given only an instant embedding) are served but not listed."""
         bank = self._bank()
         return list(bank.user_ids) if bank is not None else []
 
@@ -99,6 +104,9 @@ class PersonalizedLM:
         bank = self._bank()
         if bank is not None and user in bank:
             return MODEL_USER if self.level == "user" else MODEL_GROUP
+        embs = self.model.user_embs if self.level == "user" else None
+        if embs is not None and user in embs:  # an embedding, no LoRA (yet): their group answers
+            return MODEL_GROUP
         if fallback:
             return MODEL_BASE
         raise UnknownUser(user, f"in {self.run_dir}")
