@@ -146,6 +146,7 @@ COMMANDS: dict[str, Register | str] = {
     "train": "properlm.train.commands:register",
     "generate": "properlm.commands:register_generate",
     "users": "properlm.commands:register_users",
+    "instant": "properlm.commands:register_instant",
     "evaluate": "properlm.evaluate.commands:register",  # also adds `report`
     "demo": "properlm.demo:register",
     "experiments": "properlm.experiments:register",

@@ -12,7 +12,8 @@ checkpoints (``RUN/checkpoints``,        every checkpoint holding the user's row
 ``RUN/baselines/*/checkpoints``)         (resuming that stage then restarts it)
 ``RUN/baselines/pag/profiles.json``      the user's cached profile removed
 ``RUN/eval/``                            the user's golds, predictions and per-user scores
-                                         removed; each method's metrics recomputed without them
+                                         removed; each method's metrics recomputed without them;
+                                         ``unseen.json`` (``properlm instant compare``) removed
 ``RUN/report/``                          removed when it holds the user's rows (rerun
                                          ``properlm report``)
 ``RUN/serve/``                           the server's records of the user (API keys, onboarding
@@ -198,4 +199,6 @@ def _scrub_eval(run_dir: Path, ids: set[str]) -> int:
             summary["methods"][method_dir.name].update({k: entry.get(k) for k in ("metrics", "n_users", "n_queries")})
     if summary is not None:
         write_json(summary_path, summary)
+    if dropped:  # `properlm instant compare`'s aggregate over the targets, with theirs: rerun it
+        (eval_dir / "unseen.json").unlink(missing_ok=True)
     return dropped

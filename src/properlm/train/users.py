@@ -9,7 +9,12 @@ whatever the number of users in the run. A user who already has a LoRA is
 refreshed: training continues from their stored adapter and AdamW moments on
 their (new) history. With ``group.unseen=fit`` a user who has no stage-2
 embedding gets one fitted on their history first (their group), as the
-targets did in stage 2. (Deleting users is :func:`properlm.forget.forget_users`.)
+targets did in stage 2; with ``group.unseen=instant`` the run's instant encoder
+gives it in one forward pass (:mod:`properlm.train.instant`), and from then on,
+while their LoRA trains, they are answered by their group. :func:`add_instant`
+gives new users only that embedding, in seconds, and no LoRA
+(``properlm users add --instant``). (Deleting users is
+:func:`properlm.forget.forget_users`.)
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from properlm.data import load_dataset
 from properlm.data.tasks import get_task
 from properlm.errors import ProperError
 from properlm.io import read_json, write_json
-from properlm.store.run import LORA, load_model, open_bank, read_config, read_split, refuse_pending_forgets, stages_done
+from properlm.store.run import (EMB, LORA, load_model, open_bank, read_config, read_split, refuse_pending_forgets,
+                                stages_done)
 from properlm.train.examples import Example, user_examples
-from properlm.train.group import fit_unseen
+from properlm.train.group import add_encoder, fit_unseen, load_encoder, store_instant
+from properlm.train.instant import InstantEncoder, train_encoder
 from properlm.train.multiuser import Cancelled
 from properlm.train.run import load_data
 from properlm.train.user import train_users
@@ -101,15 +108,17 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
     # one of these users while they are left (a crash) must find them (properlm.forget).
     write_json(run_dir / "logs" / f"{stage}.users.json", {"users": user_ids})
     try:
-        if cfg.group.unseen == "fit" and pm.user_embs is not None:
+        new = [u for u in user_ids if u not in pm.user_embs] if pm.user_embs is not None else []
+        mine = [e for e in examples if e.user_id in set(new)]
+        if new and cfg.group.unseen == "fit":
             # A user without a stage-2 embedding first gets one fitted on their history (their group),
-            # against the final model with their LoRA at zero; a refreshed user keeps theirs.
-            new = [u for u in user_ids if u not in pm.user_embs]
-            if new:
-                fit_unseen(cfg, run_dir, pm, tok, [e for e in examples if e.user_id in set(new)], resume=resume,
-                           stage=f"{stage}/fit", on_step=on_step)
-                for u in new:
-                    pm.user_embs.evict(u)
+            # against the final model with their LoRA absent (stage 2's routing); a refreshed user keeps theirs.
+            fit_unseen(cfg, run_dir, pm, tok, mine, resume=resume, stage=f"{stage}/fit", on_step=on_step)
+        elif new and cfg.group.unseen == "instant":
+            # ... or the instant encoder's, in one forward pass: from here they are answered by their group.
+            store_instant(cfg, run_dir, pm, tok, load_encoder(run_dir), mine)
+        for u in new:
+            pm.user_embs.evict(u)
         train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
                     on_step=on_step)
     except Cancelled:
@@ -117,6 +126,55 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
         raise
     clean_add(run_dir, stage)
     return user_ids
+
+
+def add_instant(run_dir: str | Path, user_ids: list[str], data: str | Path | None = None,
+                examples: list[Example] | None = None) -> tuple[list[str], list[str]]:
+    """Give new users their stage-2 embedding from the run's instant encoder and nothing else: no gradient
+    step, no LoRA (seconds). They are then answered by their group (``group``); a later :func:`add_users`
+    trains their LoRA from it. Users who already have an embedding keep it.
+
+    Returns:
+        ``(users given an embedding, users who already had one)``.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    refuse_pending_forgets(run_dir)
+    if "group" not in stages_done(run_dir):
+        raise ProperError(f"{run_dir}: no trained stage 2 (group/); train the run first")
+    user_ids = list(dict.fromkeys(user_ids))
+    embs = open_bank(run_dir, EMB)
+    kept = [u for u in user_ids if embs is not None and u in embs]
+    new = [u for u in user_ids if u not in kept]
+    for u in new:
+        check_user_id(u)
+    if not new:
+        return [], kept
+    encoder = load_encoder(run_dir)
+    if examples is None:
+        examples = history_examples(run_dir, new, data)
+    examples = [e for e in examples if e.user_id in set(new)]
+    if not examples:
+        raise ProperError("the users to add have no history items")
+    pm, tok = load_model(cfg, run_dir, "user")  # stage 2: the same routing as the final model without a LoRA
+    return store_instant(cfg, run_dir, pm, tok, encoder, examples), kept
+
+
+def fit_run_encoder(run_dir: str | Path) -> InstantEncoder:
+    """Fit the instant encoder of a finished stage 2 on its training users' history and embeddings, and
+    put it into ``RUN/group`` (whatever the run's ``group.unseen``)."""
+    run_dir = Path(run_dir)
+    cfg = read_config(run_dir)
+    refuse_pending_forgets(run_dir)
+    if "group" not in stages_done(run_dir):
+        raise ProperError(f"{run_dir}: no trained stage 2 (group/); train it first")
+    pm, tok = load_model(cfg, run_dir, "user")
+    if pm.user_embs is None:
+        raise ProperError(f"{run_dir}: stage 2 has no user embeddings (a text router): nothing to predict")
+    users = [u for u in read_split(run_dir)["train"] if u in pm.user_embs]
+    encoder = train_encoder(pm, tok, history_examples(run_dir, users), cfg.data.max_len, cfg.bf16, cfg.seed)
+    add_encoder(run_dir, encoder)
+    return encoder
 
 
 def clean_add(run_dir: str | Path, stage: str) -> int:
