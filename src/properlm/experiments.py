@@ -33,9 +33,10 @@ default, on a classification or rating task, the main run is evaluated twice:
 with LaMP's free generation (comparable with the paper's numbers) and by label
 scoring (``METHOD@labels``, ``@labels-norm``, ``@expected``; see
 :func:`properlm.evaluate.evaluate.evaluate_run`), and every other variant by
-label scoring only: it costs a fraction of free generation (one pass over the
-prompt, a few tokens per label), no answer is lost to parsing, and the
-variants are compared with the main run decoded alike. Tables 1-3 and the
+label scoring only: it decodes nothing (one pass over the prompt, then each
+label's few tokens from its cache, where free generation decodes token by
+token), no answer is lost to parsing, and the variants are compared with the
+main run decoded alike (the timing table says what each decoding cost). Tables 1-3 and the
 sweep then come once per decoding (``table3@labels``, ...). ``free``,
 ``labels`` or ``both`` decode every variant alike; a generation task has no
 labels and is decoded freely.
