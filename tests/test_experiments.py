@@ -120,3 +120,10 @@ def test_seeds_give_one_grid_each_and_a_report_of_mean_and_sd(tmp_path):
     assert boot["stage1"]["n"] == n_queries and boot["stage1"]["runs"] == 2
     md = (out / "report" / "report.md").read_text()
     assert "±" in md and "10,000 resamples of (seed, user) pairs" in md
+    # Each seed's wall times, kept per seed and combined over the seeds.
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"0", "1"} and all(set(t) == {"main"} for t in timings.values())
+    assert timings["1"] == json.loads((out / "seed-1" / "timings.json").read_text())
+    assert {"population", "group", "user", "eval-free"} <= set(timings["0"]["main"])
+    assert res["tables"]["timings"]["rows"][0]["population"]["n"] == 2
+    assert "Wall time of the grids:" in md
