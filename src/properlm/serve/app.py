@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from properlm.errors import ProperError, UnknownUser
-from properlm.model.proper import MODEL_BASE
+from properlm.model.proper import MODEL_BASE, MODEL_GROUP
 from properlm.model.prompts import SYSTEM_PROMPT, encode_prompt
 from properlm.serve.engine import Engine, GenRequest, QueueFull
 from properlm.serve.jobs import Jobs, parse_history
@@ -279,7 +279,11 @@ class Server:
                 return user, MODEL_BASE, "onboarding: their adapter is being trained"
             raise ApiError(404, f"unknown user {user!r}: no personalized model in this run", "not_found_error",
                            param="model") from None
-        return user, kind, "refresh in progress: answered by their previous adapter" if job else None
+        if job is None:
+            return user, kind, None
+        if kind == MODEL_GROUP:
+            return user, kind, "onboarding: answered by their group until their adapter is trained"
+        return user, kind, "refresh in progress: answered by their previous adapter"
 
     def rows_users(self, user: str | None, kind: str) -> tuple[str | None, str | None]:
         if kind == MODEL_BASE or user is None:

@@ -6,8 +6,11 @@ upload its own file, named by its job) and queues a job; a user has at most one
 queued or running job (:meth:`Jobs.reserve`: a second upload meanwhile is
 refused). One worker thread runs the jobs in turn with
 :func:`properlm.train.users.add_users`, the same code as ``properlm users add``
-(their stage-2 group fitted, then their LoRA against the frozen stages). A
-job's record ``RUN/serve/jobs/<id>.json`` reports its state and progress. Jobs
+(their stage-2 embedding, instant or fitted as the run's ``group.unseen`` says,
+then their LoRA against the frozen stages). From the moment the embedding is
+stored the user is answered by their group; the job's record says so
+(``group_ready``). A job's record ``RUN/serve/jobs/<id>.json`` reports its state
+and progress. Jobs
 that a restart interrupted are queued again at start and resume from their
 checkpoint. When a job ends its upload is removed; cancelling (the user
 deleted) stops it between steps.
@@ -303,8 +306,12 @@ class Jobs:
                     raise ProperError("the upload of this job is gone (send the history again)") from None
                 examples = parse_history(body, user, self.root / "tmp" / f"{uuid.uuid4().hex}.jsonl")
                 job["trained_records"] = len(examples)
+                def on_group() -> None:
+                    job["group_ready"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                    self._save(job)
+
                 add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step,
-                          progress=False)
+                          progress=False, on_group=on_group)
                 job["state"], job["progress"]["step"] = DONE, job["progress"].get("steps") or 0
                 self.on_done(user)
             except Cancelled:

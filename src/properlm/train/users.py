@@ -66,7 +66,8 @@ def history_examples(run_dir: str | Path, user_ids: list[str], data: str | Path 
 
 def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None = None,
               examples: list[Example] | None = None, resume: bool = False,
-              on_step: Callable[[int, int], bool] | None = None, progress: bool | None = None) -> list[str]:
+              on_step: Callable[[int, int], bool] | None = None, progress: bool | None = None,
+              on_group: Callable[[], None] | None = None) -> list[str]:
     """Train (or refresh) the LoRAs of ``user_ids`` in a finished run; returns the ids trained.
 
     A new user's id must follow :func:`properlm.user_ids.check_user_id` (users already in the run
@@ -84,6 +85,8 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
             of it is written (:class:`properlm.train.multiuser.Cancelled`).
         progress: show progress bars (None: the run config's ``progress``). The server's jobs
             turn them off: a bar is named after the add, which is derived from the user's id.
+        on_group: called once the new users' stage-2 embeddings are in the store (fitted or
+            instant), before their LoRAs train: from then on they are answered by their group.
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -119,6 +122,8 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
             store_instant(cfg, run_dir, pm, tok, load_encoder(run_dir), mine)
         for u in new:
             pm.user_embs.evict(u)
+        if on_group is not None and new and cfg.group.unseen != "mean":
+            on_group()
         train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
                     on_step=on_step)
     except Cancelled:
