@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.serve --run runs/demo [--requests 64] [--max-tokens 16]
     .venv/bin/python -m benchmarks.serve --quick            # a tiny run, a few seconds
     .venv/bin/python -m benchmarks.serve --memory           # 10,000 users, a 1 MiB cache: memory stays bounded
+    .venv/bin/python -m benchmarks.serve --onboarding [--run R] [--model smollm2]   # upload to first answers
 
 Contenders, the same run, prompts, users and greedy decoding: ``properlm
 serve`` with continuous batching (``--max-batch 32``) against the same server
@@ -15,6 +16,14 @@ request whose user is not in the cache; and tokens/s per request while 32
 stream at once. A run with fewer than 32 users with a LoRA gets synthetic
 users added to a copy of its store (random adapters of the run's shapes: speed
 does not depend on their values).
+
+``--onboarding``: the time from a new user's history upload
+(``POST /v1/users/{id}/history``) to their first answer by their group
+(``X-Properlm-Model: group``) and to their first answer by their own LoRA
+(``user-lora``), a client asking for one token again and again; once with the
+run's instant encoder giving the embedding (``group.unseen=instant``) and once
+with it fitted by gradient steps (``group.unseen=fit``), on copies of one run.
+Users added later train their LoRA for one pass over their history.
 """
 
 from __future__ import annotations
@@ -184,14 +193,78 @@ def bench_serve(run: Path, requests: int, max_tokens: int, threads: int | None, 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _short_run(work: Path, model: str) -> Path:
+def _short_run(work: Path, model: str, *overrides: str) -> Path:
     """A run of ``model`` trained for a few steps: the server's speed does not depend on the weights."""
     out = work / "run"
     subprocess.run([sys.executable, "-m", "properlm.cli", "train", "--all", "--out", str(out),
                     f"base_model={model}", "progress=false", "data.synth_users=16", "data.n_targets=4",
-                    "population.max_steps=2", "group.max_steps=2", "user.max_steps=2", "group.unseen_epochs=1"],
-                   check=True, cwd=ROOT, capture_output=True)
+                    "population.max_steps=2", "group.max_steps=2", "user.max_steps=2", "group.unseen_epochs=1",
+                    *overrides], check=True, cwd=ROOT, capture_output=True)
     return out
+
+
+def _onboarding_copy(run: Path, work: Path, unseen: str) -> Path:
+    """A copy of the run, no server state, whose users added later get their embedding as ``unseen`` says and
+    train their LoRA for one pass over their history (no step limit)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import dataclasses
+
+    from properlm.config import save_config
+    from properlm.store.run import read_config
+
+    copy = work / f"run-{unseen}"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "report", "checkpoints", "serve", "logs"))
+    cfg = read_config(copy)
+    cfg = dataclasses.replace(cfg, group=dataclasses.replace(cfg.group, unseen=unseen),
+                              user=dataclasses.replace(cfg.user, max_steps=None, epochs=1))
+    save_config(cfg, copy / "config.yaml")
+    return copy
+
+
+def time_onboarding(url: str, user: str, records: int, timeout: float = 1800) -> dict:
+    """Upload ``records`` history records of a new user, then ask for one token until their LoRA answers:
+    seconds from the upload to the first ``group`` and the first ``user-lora`` answer."""
+    import httpx
+
+    head = {"Authorization": f"Bearer {KEY}"}
+    body = "".join(json.dumps({"prompt": PROMPT.format(TOPICS[i % len(TOPICS)]), "response": ("love", "hate")[i % 2]})
+                   + "\n" for i in range(records))
+    t0 = time.perf_counter()
+    r = httpx.post(f"{url}/v1/users/{user}/history", headers=head, content=body.encode(), timeout=600)
+    r.raise_for_status()
+    out = {"records": records, "upload_s": time.perf_counter() - t0, "first_group_s": None, "first_user_lora_s": None,
+           "answers": {}}
+    with httpx.Client(timeout=600) as c:
+        while time.perf_counter() - t0 < timeout and out["first_user_lora_s"] is None:
+            a = c.post(f"{url}/v1/completions", headers=head,
+                       json={"model": user, "prompt": PROMPT.format("jazz"), "max_tokens": 1, "temperature": 0})
+            kind, at = a.headers.get("x-properlm-model", str(a.status_code)), time.perf_counter() - t0
+            out["answers"][kind] = out["answers"].get(kind, 0) + 1
+            key = {"group": "first_group_s", "user-lora": "first_user_lora_s"}.get(kind)
+            if key and out[key] is None:
+                out[key] = at
+    out["job"] = httpx.get(f"{url}/v1/jobs/{r.json()['job']['id']}", headers=head, timeout=60).json()
+    return out
+
+
+def bench_onboarding(run: Path, records: int = 20, threads: int | None = None, log=print) -> dict:
+    """Upload to first group answer and to first user-LoRA answer, instant embedding against fitted one."""
+    work = Path(tempfile.mkdtemp(prefix="properlm-bench-onboard-"))
+    try:
+        out = {"records": records, "routings": {}}
+        for unseen in ("instant", "fit"):
+            srv = Server(_onboarding_copy(run, work, unseen), "--timeout", "3600", threads=threads)
+            try:
+                res = time_onboarding(srv.url, f"onboard-{unseen}", records)
+            finally:
+                srv.stop()
+            res["job_state"] = res.pop("job").get("state")
+            out["routings"][unseen] = res
+            log(f"[serve] onboarding, {unseen} embedding: first group answer {res['first_group_s']} s, first "
+                f"user-LoRA answer {res['first_user_lora_s']} s after the upload ({records} records)")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_serve_section(cfg, log=print) -> dict:
@@ -252,7 +325,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="results JSON")
     ap.add_argument("--memory", action="store_true",
                     help="instead: a tiny run with 10,000 users served with a 1 MiB cache, RSS as 1,000 distinct users ask")
+    ap.add_argument("--onboarding", action="store_true",
+                    help="instead: seconds from a new user's upload to their first group and first user-LoRA answer, "
+                         "instant embedding against fitted (a short run of --model unless --run)")
+    ap.add_argument("--model", default="smollm2", help="base model of the short run --onboarding trains")
+    ap.add_argument("--records", type=int, default=20, help="history records of the --onboarding user")
     a = ap.parse_args(argv)
+    if a.onboarding:
+        tmp = Path(tempfile.mkdtemp(prefix="properlm-bench-onboard-run-"))
+        try:
+            run = Path(a.run) if a.run else _short_run(tmp, "tiny-random" if a.quick else a.model,
+                                                       "group.unseen=instant")
+            res = {"model": None if a.run else ("tiny-random" if a.quick else a.model),
+                   **bench_onboarding(run, a.records, a.threads)}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps(res, indent=1))
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return 0
     if a.memory:
         res = bench_memory_bound()
         print(json.dumps(res, indent=1))
