@@ -308,7 +308,7 @@ def test_label_decoding_scores_every_label_and_files_it_apart(run, tmp_path, mon
     assert [p["output"] for p in preds] == [task.labels[i] for i in (ll / n_tok).argmax(-1).tolist()]
     rep = report([copy], tmp_path / "rep", figures=False)
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "`@labels`: the label with the highest likelihood" in md and rep["tables"]["table1"]
+    assert "`@labels`: the label with the highest likelihood" in md and rep["tables"]["table1@labels"]
     with pytest.raises(ProperError, match="unknown decoding"):
         evaluate_run(copy, methods=["stage1"], decode="beam", progress=False)
 
