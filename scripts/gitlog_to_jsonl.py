@@ -9,7 +9,7 @@ the body plays the article or abstract, the subject the headline or title.
 
 Reads either
 
-* a git directory or work tree (``/work/.mirror/git+git/repo``): the script runs
+* a git directory or work tree (``git.git``): the script runs
   ``git log`` on it (needs ``git`` on the PATH), or
 * a text file holding the output of that same command, saved by hand::
 
@@ -51,8 +51,8 @@ order, each user's records oldest first.
 
 Example::
 
-    python scripts/gitlog_to_jsonl.py /work/.mirror/git+git/repo \\
-        --out /work/data/gitlog/gitlog.jsonl --users 200 --min-history 25 --max-history 100 --seed 0
+    python scripts/gitlog_to_jsonl.py git.git \\
+        --out DATA/gitlog.jsonl --users 200 --min-history 25 --max-history 100 --seed 0
 """
 
 from __future__ import annotations
