@@ -20,10 +20,13 @@ does not depend on their values).
 ``--onboarding``: the time from a new user's history upload
 (``POST /v1/users/{id}/history``) to their first answer by their group
 (``X-Properlm-Model: group``) and to their first answer by their own LoRA
-(``user-lora``), a client asking for one token again and again; once with the
+(``user-lora``), a client asking for one token every 0.2 s; once with the
 run's instant encoder giving the embedding (``group.unseen=instant``) and once
-with it fitted by gradient steps (``group.unseen=fit``), on copies of one run.
-Users added later train their LoRA for one pass over their history.
+with it fitted by gradient steps (``group.unseen=fit``: 2 passes over the
+history, no step limit), on copies of one run. Users added later train their
+LoRA for one pass over their history. Beside it, in this process and with no
+server, the phases of one add timed alone: loading the final model, the instant
+embedding, the fit.
 """
 
 from __future__ import annotations
@@ -215,20 +218,23 @@ def _onboarding_copy(run: Path, work: Path, unseen: str) -> Path:
     copy = work / f"run-{unseen}"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "report", "checkpoints", "serve", "logs"))
     cfg = read_config(copy)
-    cfg = dataclasses.replace(cfg, group=dataclasses.replace(cfg.group, unseen=unseen),
+    cfg = dataclasses.replace(cfg, group=dataclasses.replace(cfg.group, unseen=unseen, unseen_epochs=2, max_steps=None),
                               user=dataclasses.replace(cfg.user, max_steps=None, epochs=1))
     save_config(cfg, copy / "config.yaml")
     return copy
 
 
-def time_onboarding(url: str, user: str, records: int, timeout: float = 1800) -> dict:
-    """Upload ``records`` history records of a new user, then ask for one token until their LoRA answers:
-    seconds from the upload to the first ``group`` and the first ``user-lora`` answer."""
+def _history(records: int) -> list[tuple[str, str]]:
+    return [(PROMPT.format(TOPICS[i % len(TOPICS)]), ("love", "hate")[i % 2]) for i in range(records)]
+
+
+def time_onboarding(url: str, user: str, records: int, timeout: float = 1800, poll: float = 0.2) -> dict:
+    """Upload ``records`` history records of a new user, then ask for one token every ``poll`` seconds until
+    their LoRA answers: seconds from the upload to the first ``group`` and the first ``user-lora`` answer."""
     import httpx
 
     head = {"Authorization": f"Bearer {KEY}"}
-    body = "".join(json.dumps({"prompt": PROMPT.format(TOPICS[i % len(TOPICS)]), "response": ("love", "hate")[i % 2]})
-                   + "\n" for i in range(records))
+    body = "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in _history(records))
     t0 = time.perf_counter()
     r = httpx.post(f"{url}/v1/users/{user}/history", headers=head, content=body.encode(), timeout=600)
     r.raise_for_status()
@@ -243,7 +249,37 @@ def time_onboarding(url: str, user: str, records: int, timeout: float = 1800) ->
             key = {"group": "first_group_s", "user-lora": "first_user_lora_s"}.get(kind)
             if key and out[key] is None:
                 out[key] = at
+            time.sleep(poll)
     out["job"] = httpx.get(f"{url}/v1/jobs/{r.json()['job']['id']}", headers=head, timeout=60).json()
+    return out
+
+
+def phase_times(run: Path, records: int) -> dict:
+    """Seconds of the phases of one user's add, alone in this process: the final model loaded, the instant
+    embedding (twice: the first call warms up), the fit (2 passes over the history)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from properlm.store.run import load_model, read_config
+    from properlm.train.examples import Example
+    from properlm.train.group import fit_unseen, load_encoder
+    from properlm.train.instant import instant_embeddings
+
+    cfg = read_config(run)
+    ex = [Example("phase-user", p, r) for p, r in _history(records)]
+    t = time.perf_counter()
+    pm, tok = load_model(cfg, run, "done")
+    out = {"load_final_model_s": time.perf_counter() - t}
+    enc = load_encoder(run)
+    for i in range(2):
+        t = time.perf_counter()
+        instant_embeddings(pm, tok, enc, ex, cfg.data.max_len, cfg.bf16)
+        out[f"instant_embedding_s_{i + 1}"] = time.perf_counter() - t
+    scratch = Path(tempfile.mkdtemp(prefix="properlm-bench-fit-"))
+    try:
+        t = time.perf_counter()
+        fit_unseen(cfg, scratch, pm, tok, ex, stage="bench")
+        out["fit_s"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
@@ -252,6 +288,8 @@ def bench_onboarding(run: Path, records: int = 20, threads: int | None = None, l
     work = Path(tempfile.mkdtemp(prefix="properlm-bench-onboard-"))
     try:
         out = {"records": records, "routings": {}}
+        out["phases_alone"] = phase_times(_onboarding_copy(run, work / "phases", "fit"), records)
+        log(f"[serve] one add's phases alone: {out['phases_alone']}")
         for unseen in ("instant", "fit"):
             srv = Server(_onboarding_copy(run, work, unseen), "--timeout", "3600", threads=threads)
             try:
