@@ -374,8 +374,10 @@ def main(argv=None) -> int:
         try:
             run = Path(a.run) if a.run else _short_run(tmp, "tiny-random" if a.quick else a.model,
                                                        "group.unseen=instant")
-            res = {"model": None if a.run else ("tiny-random" if a.quick else a.model),
-                   **bench_onboarding(run, a.records, a.threads)}
+            sys.path.insert(0, str(ROOT / "src"))
+            from properlm.store.run import read_config
+
+            res = {"model": read_config(run).base_model, **bench_onboarding(run, a.records, a.threads)}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(json.dumps(res, indent=1))
