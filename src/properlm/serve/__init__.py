@@ -5,6 +5,7 @@
 - ``engine``: continuous batching of many users' requests in mixed-user forward passes;
 - ``keys``: the admin key and per-user API keys, stored as salted hashes;
 - ``jobs``: onboarding (a user's history uploaded, their LoRA trained in the background);
+- ``middleware``: the body limit, the access log, errors no route handled;
 - ``app``: the FastAPI application and its routes.
 
 The command ``properlm serve`` is :mod:`properlm.serving`, which hands the server the run
