@@ -15,6 +15,20 @@ Contenders, same prompts, greedy decoding, same ``max_new_tokens``, same precisi
 Timed in alternation (``gen_repeats`` times, median), in fp32 (``generate``'s default)
 and in bf16 autocast. The headline ratio takes each contender in its faster precision;
 the same-precision ratios are reported too.
+
+Decode steps (:func:`bench_decode`, float32), seconds per token step of a
+:class:`~properlm.model.decoding.DecodeBatch` after the prefill, the contenders stepped
+in turn one token at a time (the order rotating), so a busy machine slows them alike:
+
+- ``single``: one query of one user: plain transformers (the same base, nothing wrapped)
+  against the full stage-3 model with that user's LoRA, the LoRA-only model, and PEFT
+  with one LoRA active. The target is the full model's cost per token against plain
+  transformers (at most 1.10x);
+- ``mixed``: 32 rows of 32 users in one batch: the full model and the LoRA-only model
+  against one PEFT model holding all 32 adapters, called with ``adapter_names`` (PEFT's
+  own mixed-adapter batch inference). Target: PEFT's step at least 2.5x the full model's.
+  Plain transformers decodes the same 32 prompts too: PEFT's step against it is the most
+  that any adapter implementation could reach.
 """
 
 from __future__ import annotations
@@ -22,7 +36,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import BenchConfig, Timer, make_data, median, peft_users, proper_stage3, randomize_
+from properlm.model.decoding import DecodeBatch, Row
 from properlm.model.generate import generate
+from properlm.model.prompts import encode_prompt
 
 
 def copy_bank_to_peft(pm, peft, users: list[str]) -> None:
@@ -37,7 +53,22 @@ def copy_bank_to_peft(pm, peft, users: list[str]) -> None:
                 m.lora_B[u].weight.copy_(pm.user_loras.params[f"{site}.lora_B"][i])
 
 
-def bench_generation(cfg: BenchConfig, log=print) -> dict:
+class PeftRows:
+    """A PEFT model called with one adapter per batch row (``adapter_names``, PEFT's mixed-batch
+    inference), so that :class:`DecodeBatch` can decode with it."""
+
+    def __init__(self, peft, names: list[str]):
+        self.peft, self.names = peft, list(names)
+
+    def parameters(self):
+        return self.peft.parameters()
+
+    def __call__(self, **kw):
+        return self.peft(**kw, adapter_names=self.names)
+
+
+def contenders(cfg: BenchConfig, log=print):
+    """(users, prompts, tok, full stage-3 model, LoRA-only model, PEFT model with every user's adapter)."""
     from properlm.model.base import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
@@ -52,6 +83,99 @@ def bench_generation(cfg: BenchConfig, log=print) -> dict:
     peft, _ = peft_users(cfg, users)
     copy_bank_to_peft(lo, peft, users)
     peft.eval()
+    return users, prompts, tok, full, lo, peft
+
+
+def _step_race(batches: dict[str, DecodeBatch], steps: int, timer: Timer) -> dict[str, list[list[int]]]:
+    """Greedy-decode ``steps`` tokens in every batch, one step of each in turn (the order rotating),
+    timing each step under its contender's name; the tokens each batch chose, per row."""
+    names = list(batches)
+    chosen = {k: [[] for _ in b.rows] for k, b in batches.items()}
+    for i in range(steps):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            b = batches[k]
+            picks = [int(t) for t in b.next_logits.argmax(-1)]
+            for row, t in zip(chosen[k], picks):
+                row.append(t)
+            with timer(k):
+                b.step(picks)
+    return chosen
+
+
+def bench_decode(cfg: BenchConfig, models=None, log=print) -> dict:
+    """Seconds per decode step, float32: one user's query (against plain transformers and PEFT with
+    one LoRA) and a 32-user mixed batch (against PEFT's ``adapter_names`` batch)."""
+    from properlm.model.base import load_base
+
+    users, prompts, tok, full, lo, peft = models or contenders(cfg, log)
+    plain, _ = load_base(cfg.model, attention=cfg.attention)
+    plain.eval()
+    steps, rounds = cfg.gen_tokens, max(cfg.gen_repeats, 3)
+    ids = [encode_prompt(tok, p, 512) for p in prompts]
+    out: dict = {"steps": steps, "rounds": rounds, "precision": "fp32"}
+
+    # -- one user ----------------------------------------------------------------------------
+    agree, per_round = [], {}
+    for r in range(rounds):
+        u = users[r % len(users)]
+        peft.set_adapter(u)
+        batches = {}
+        for k, model in (("plain", plain), ("proper", full), ("proper_lora_only", lo), ("peft_one_lora", peft)):
+            batches[k] = DecodeBatch(model, tok.pad_token_id)
+            batches[k].add([Row(k, ids[r % len(users)], u if k.startswith("proper") else None)])
+        timer = Timer()
+        chosen = _step_race(batches, steps, timer)
+        for k in batches:
+            per_round.setdefault(k, []).append(sum(timer.rounds[k]) / steps)
+        agree.append(chosen["proper_lora_only"] == chosen["peft_one_lora"])
+    single = {k: {"seconds_per_step": median(v), "rounds": v} for k, v in per_round.items()}
+    for k in ("proper", "proper_lora_only", "peft_one_lora"):
+        single[f"{k}_vs_plain"] = single[k]["seconds_per_step"] / single["plain"]["seconds_per_step"]
+        single[f"{k}_vs_plain_round_median"] = median([a / b for a, b in zip(per_round[k], per_round["plain"])])
+    single["proper_vs_peft_one_lora"] = single["proper"]["seconds_per_step"] / single["peft_one_lora"]["seconds_per_step"]
+    single["lora_only_tokens_equal_peft"] = f"{sum(agree)}/{len(agree)}"
+    out["single"] = single
+    log(f"[decode] one user, fp32, s/step: plain {single['plain']['seconds_per_step'] * 1e3:.1f} ms, proper "
+        f"{single['proper']['seconds_per_step'] * 1e3:.1f} ms ({single['proper_vs_plain']:.2f}x plain, "
+        f"{single['proper_vs_peft_one_lora']:.2f}x PEFT), LoRA-only {single['proper_lora_only_vs_plain']:.2f}x plain, "
+        f"PEFT one LoRA {single['peft_one_lora_vs_plain']:.2f}x plain")
+
+    # -- a mixed batch of every user ----------------------------------------------------------
+    per_round, agree = {}, 0
+    named = PeftRows(peft, users)
+    for r in range(rounds):
+        batches = {}
+        for k, model in (("plain", plain), ("proper", full), ("proper_lora_only", lo), ("peft_adapter_names", named)):
+            batches[k] = DecodeBatch(model, tok.pad_token_id)
+            batches[k].add([Row(i, ids[i], u if k.startswith("proper") else None) for i, u in enumerate(users)])
+        timer = Timer()
+        chosen = _step_race(batches, steps, timer)
+        for k in batches:
+            per_round.setdefault(k, []).append(sum(timer.rounds[k]) / steps)
+        agree += sum(a == b for a, b in zip(chosen["proper_lora_only"], chosen["peft_adapter_names"]))
+    mixed = {k: {"seconds_per_step": median(v), "rounds": v} for k, v in per_round.items()}
+    p = mixed["peft_adapter_names"]["seconds_per_step"]
+    mixed["peft_vs_proper"] = p / mixed["proper"]["seconds_per_step"]
+    mixed["peft_vs_proper_lora_only"] = p / mixed["proper_lora_only"]["seconds_per_step"]
+    mixed["peft_vs_proper_round_median"] = median([a / b for a, b in zip(per_round["peft_adapter_names"],
+                                                                          per_round["proper"])])
+    # The most any adapter implementation could reach: PEFT's step against the base's own.
+    mixed["peft_vs_plain"] = p / mixed["plain"]["seconds_per_step"]
+    mixed["proper_vs_plain"] = mixed["proper"]["seconds_per_step"] / mixed["plain"]["seconds_per_step"]
+    mixed["rows"] = len(users)
+    mixed["lora_only_rows_equal_peft"] = f"{agree}/{len(users) * rounds}"
+    out["mixed"] = mixed
+    log(f"[decode] {len(users)} users in one batch, fp32, s/step: plain {mixed['plain']['seconds_per_step']:.3f}, "
+        f"proper {mixed['proper']['seconds_per_step']:.3f}, "
+        f"LoRA-only {mixed['proper_lora_only']['seconds_per_step']:.3f}, PEFT adapter_names {p:.3f} -> "
+        f"{mixed['peft_vs_proper']:.2f}x ({mixed['peft_vs_proper_lora_only']:.2f}x LoRA-only; PEFT vs plain "
+        f"{mixed['peft_vs_plain']:.2f}x, the ceiling); LoRA-only rows "
+        f"equal to PEFT's {agree}/{len(users) * rounds}")
+    return out
+
+
+def bench_generation(cfg: BenchConfig, log=print) -> dict:
+    users, prompts, tok, full, lo, peft = models = contenders(cfg, log)
     n = cfg.gen_tokens
     log(f"[generate] {len(users)} queries of {len(users)} users, {n} new tokens, prompts "
         f"{min(len(tok(p).input_ids) for p in prompts)}-{max(len(tok(p).input_ids) for p in prompts)} tokens")
@@ -98,4 +222,5 @@ def bench_generation(cfg: BenchConfig, log=print) -> dict:
     result["best_precision"] = best
     result["ratio"] = (result["precisions"][best["peft_switch"]]["peft_switch"]["seconds"]
                        / result["precisions"][best["mixed_batch"]]["mixed_batch"]["seconds"])
+    result["decode"] = bench_decode(cfg, models, log)
     return result

@@ -50,6 +50,10 @@ TARGETS = {
         (0.6, ">=", lambda r: r["train"]["contenders"]["proper"]["peak_fraction"], "train"),
     "generation, mixed-user batch vs PEFT adapter switching (each at its faster precision)":
         (5.0, ">=", lambda r: r["generate"]["ratio"], "generate"),
+    "decode, one user: full stage-3 model vs plain transformers, fp32 s/step":
+        (1.10, "<=", lambda r: r["generate"]["decode"]["single"]["proper_vs_plain"], "generate"),
+    "decode, 32 users in one batch: PEFT adapter_names vs full stage-3 model, fp32 s/step":
+        (2.5, ">=", lambda r: r["generate"]["decode"]["mixed"]["peft_vs_proper"], "generate"),
     "stage-3 peak memory, most vs fewest users at one cohort size (tiny model)":
         (1.2, "<=", lambda r: r["memory"]["ratio_largest_to_smallest"], "memory"),
     "users add of one user, most- vs fewest-user run: time":
@@ -119,6 +123,19 @@ def summary(res: dict) -> str:
                          f"{r['mixed_batch_lora_only']['seconds']:.2f}s, PEFT switching {r['peft_switch']['seconds']:.2f}s"
                          f" -> {r['ratio']:.1f}x ({r['ratio_lora_only']:.1f}x LoRA-only); "
                          f"LoRA-only = PEFT answers {r['agree']}/{g['queries']}")
+        if "decode" in g:
+            d = g["decode"]
+            s1, mx = d["single"], d["mixed"]
+            lines.append(f"  decode, one user ({d['precision']}, ms/step): plain {s1['plain']['seconds_per_step'] * 1e3:.1f}, "
+                         f"full model {s1['proper']['seconds_per_step'] * 1e3:.1f} ({s1['proper_vs_plain']:.2f}x plain, "
+                         f"{s1['proper_vs_peft_one_lora']:.2f}x PEFT), LoRA-only {s1['proper_lora_only_vs_plain']:.2f}x "
+                         f"plain, PEFT one LoRA {s1['peft_one_lora_vs_plain']:.2f}x plain")
+            lines.append(f"  decode, {mx['rows']} users in one batch ({d['precision']}, s/step): plain "
+                         f"{mx['plain']['seconds_per_step']:.3f}, full model "
+                         f"{mx['proper']['seconds_per_step']:.3f}, LoRA-only {mx['proper_lora_only']['seconds_per_step']:.3f}, "
+                         f"PEFT adapter_names {mx['peft_adapter_names']['seconds_per_step']:.3f} -> "
+                         f"{mx['peft_vs_proper']:.2f}x ({mx['peft_vs_proper_lora_only']:.2f}x LoRA-only; PEFT vs plain "
+                         f"{mx['peft_vs_plain']:.2f}x)")
     if "memory" in res:
         mm = res["memory"]
         lines.append(f"\nstage-3 memory ({mm['measure']}; {mm['model']}, cohorts of {mm['cohort']}; adapter "
