@@ -10,6 +10,20 @@ LoRAMoE) and ``A_u, B_u`` are the LoRA factors of the row's user. Per-row facts
 (which user, which embedding) are not arguments of ``forward``: they sit in a
 :class:`RoutingState` shared by all wrapped layers of one model and set before
 each forward pass (the pattern PEFT's poly tuner uses for task ids).
+
+Inference (autograd off, no dropout) takes a fused path with the same sums
+(:meth:`ProperLinear._fused`): the experts' A and the router's text rows, and, when
+every row has the same user, that user's A (with the router's LoRA term folded in,
+``W_x + W_l A_u``) are one matmul on x; a 0/1 matmul spreads the gates over the
+experts' columns; the experts' B and the user's B are one ``addmm``. For one user
+that is three matmuls beside the base instead of seven; rows of different users add
+their own A and B by ``bmm`` and the router's ``W_l (A_u x)``. The concatenated
+weights (a copy of the adapters' weights, per compute dtype) are cached per layer and
+rebuilt when a source tensor changes (an optimizer step, a loaded stage, a replaced
+router, new storage); what is derived from the bound users (their factors in the
+compute dtype, the router's embedding term) is cached in the :class:`RoutingState`
+while they stay bound. Training (autograd on) keeps the unfused path, so its numbers
+are exactly what they were; the fused path's differ from them by float rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +52,12 @@ class RoutingState:
         token_mask: (B, T) 1.0 on real tokens, for averaging routing weights.
         record: if true, each layer appends its per-row mean routing weights (B, K).
         routes: what the layers recorded in this forward pass.
+        lora_shared: every row has the same user's LoRA (the rows of ``user_lora`` are
+            equal): the fused path applies it as one matrix.
+        cache: site -> what that layer derived from the bound users for the fused path,
+            kept while they stay bound (a decode batch keeps it across its steps).
+        fuse: inference may take the fused path (off: always the training path; not
+            reset by :meth:`clear`).
     """
 
     user_emb: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -46,9 +66,13 @@ class RoutingState:
     token_mask: torch.Tensor | None = None
     record: bool = False
     routes: list[torch.Tensor] = field(default_factory=list)
+    lora_shared: bool = False
+    cache: dict = field(default_factory=dict)
+    fuse: bool = True
 
     def clear(self) -> None:
         self.user_emb, self.user_lora, self.lora_rows, self.token_mask, self.routes = {}, {}, None, None, []
+        self.lora_shared, self.cache = False, {}
 
 
 class Router(nn.Module):
@@ -232,6 +256,55 @@ class GroupExperts(nn.Module):
         return torch.addmm(out.flatten(0, -2), h.flatten(0, -2), self.lora_B.t()).view_as(out)
 
 
+class _Fused:
+    """A layer's concatenated weights for the fused path, in one dtype.
+
+    ``a``: rows [A_1..A_K (K*r); router text rows (K: W_t, or the LoRA-aware router's W_x);
+    stage 2's W_t (K, LoRA-aware only)]; ``b``: the experts' ``scaling * B`` transposed
+    (K*r, d_out); ``w_l``: the LoRA-aware router's W_l. ``spread`` (K, K*r) and ``spread_u``
+    (K, (K+1)*r) are 0/1 matrices that repeat each gate over its expert's r columns
+    (``gates @ spread`` is exact: one product by 1.0 per entry), ``spread_u`` with r
+    more columns for a user LoRA gated by 1 (``ones_u``, added by ``addmm``).
+    ``stamps`` are the source tensors with their storage and version counter when it was
+    built: an in-place write to one (an optimizer step, ``load_state_dict``) or new
+    storage (``.data =``, ``.to``) makes it stale.
+    """
+
+    __slots__ = ("experts", "router", "dtype", "stamps", "a", "b", "w_l", "spread", "spread_u", "ones_u")
+
+    def __init__(self, layer: "ProperLinear", dtype: torch.dtype):
+        ex, ro = layer.experts, layer.router
+        self.experts, self.router, self.dtype = ex, ro, dtype
+        src = [ex.lora_A, ex.lora_B, *ro.parameters(), *ro.buffers()]
+        self.stamps = [(t, t.data_ptr(), t._version) for t in src]
+        k, r = ex.k, ex.r
+        with torch.no_grad():
+            rows = [ex.lora_A, ro.w_text.weight] + ([ro.w_text_group] if ro.kind == "lora-aware" else [])
+            self.a = torch.cat(rows).to(dtype)
+            self.b = (ex.lora_B * ex.scaling).t().to(dtype).contiguous()
+            self.w_l = ro.w_user.weight.to(dtype) if ro.kind == "lora-aware" else None
+            eye = torch.eye(k, dtype=dtype, device=ex.lora_A.device)
+            self.spread = eye.repeat_interleave(r, dim=1)                        # (K, K*r)
+            self.spread_u = F.pad(self.spread, (0, r))                           # (K, (K+1)*r)
+            self.ones_u = F.pad(self.spread.new_zeros(k * r), (0, r), value=1.0)  # gate 1 on the user's r
+
+    def fresh(self, experts: GroupExperts, router: Router) -> bool:
+        if self.experts is not experts or self.router is not router:
+            return False
+        for t, ptr, version in self.stamps:
+            if t._version != version or t.data_ptr() != ptr:
+                return False
+        return True
+
+
+def _softmax(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The router's softmax in float32, in ``dtype``."""
+    if logits.dtype == torch.float32:
+        g = torch.softmax(logits, -1)
+        return g if dtype == torch.float32 else g.to(dtype)
+    return torch.softmax(logits, -1, dtype=torch.float32).to(dtype)
+
+
 class ProperLinear(nn.Module):
     """A frozen linear with optional group experts, router and per-row user LoRA.
 
@@ -250,6 +323,7 @@ class ProperLinear(nn.Module):
         self.dropout = lora_dropout(dropout)
         self.experts: GroupExperts | None = None
         self.router: Router | None = None
+        self._fused_w: dict[torch.dtype, _Fused] = {}   # the fused path's weights, per compute dtype
 
     @property
     def state(self) -> RoutingState:
@@ -260,12 +334,15 @@ class ProperLinear(nn.Module):
         self.router = Router(self.base.in_features, num_experts, router, d_user)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.experts is None and self.site not in self.state.user_lora:
+        st = self._state[0]
+        if self._modules.get("experts") is None and self.site not in st.user_lora:
             return self.base(x)
         if torch.is_autocast_enabled(x.device.type):
             # One cast shared by the base, the router and the adapters (each would cast x
             # again), and the dropout then works on the narrower type.
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if st.fuse and not torch.is_grad_enabled() and not st.record and not self._dropout_on():
+            return self._fused(x, st)
         y = self.base(x)
         # Dropout is xd * scale; the scale is applied to the adapters' low-rank outputs.
         xd, scale = self.dropout.masked(x) if isinstance(self.dropout, LoraDropout) else (self.dropout(x), 1.0)
@@ -291,3 +368,111 @@ class ProperLinear(nn.Module):
                     m = m.to(gates.dtype).unsqueeze(-1)                      # (B, T, 1)
                     self.state.routes.append(((gates * m).sum(1) / m.sum(1).clamp(min=1)).float())
         return y
+
+    # -- the fused inference path -----------------------------------------------------------------
+    def _dropout_on(self) -> bool:
+        d = self._modules["dropout"]
+        if isinstance(d, LoraDropout):
+            return d.training and d.threshold > 0
+        return d.training and not isinstance(d, nn.Identity)
+
+    def _bound(self, st: RoutingState, x: torch.Tensor) -> tuple[_Fused | None, dict]:
+        """This layer's fused weights for x's dtype (None: no experts) and what it derives from the
+        bound users for them, cached in ``st`` while the same users' tensors stay bound.
+
+        ``e``: the router's embedding term per row (B, 1, K), or, when it is one row,
+        ``bias``: a bias for the fused matmul that adds it to the router's logits. ``a``,
+        ``b``: the user factors in x's dtype, per row (B, r, d_in) transposed and (B, r, d_out),
+        or, when every row has the same user (``shared``), one matrix each; with experts,
+        the fused rows [A_1..A_K; A_u; router text rows + W_l A_u] and [s B_1..s B_K;
+        s_u B_u] (transposed).
+        """
+        mods, dt = self._modules, x.dtype
+        ex, ro = mods.get("experts"), mods.get("router")
+        c = None
+        if ex is not None:
+            c = self._fused_w.get(dt)
+            if c is None or not c.fresh(ex, ro):
+                c = self._fused_w[dt] = _Fused(self, dt)
+        site = self.site
+        emb = st.user_emb.get(site)
+        a, b = st.user_lora.get(site, (None, None))
+        n = x.shape[0]
+        hit = st.cache.get(site)
+        if (hit is not None and hit[0] is c and hit[1] is emb and hit[2] is a and hit[3] is b
+                and hit[4] is st.lora_rows and hit[5] == st.lora_shared and hit[6] == n):
+            return c, hit[7]
+        d: dict = {"shared": False}
+        if a is not None:
+            d["shared"] = (st.lora_shared and st.lora_rows is None
+                           and (ex is None or a.shape[1] == ex.r))           # the user as expert K+1: same rank
+            if d["shared"] and ex is not None:
+                with torch.autocast(x.device.type, enabled=False):       # fold and concatenate in float32
+                    a0, b0 = a[0].float(), b[0].float()
+                    text = ro.w_text.weight
+                    if ro.kind == "lora-aware":
+                        text = text + ro.w_user.weight @ a0              # W_x x + W_l (A_u x) = (W_x + W_l A_u) x
+                    d["a"] = torch.cat([ex.lora_A, a0, text]).to(dt)
+                    d["b"] = torch.cat([ex.lora_B * ex.scaling, b0 * self.user_scaling], 1).t().to(dt).contiguous()
+            elif d["shared"]:
+                d["a"], d["b"] = a[0].to(dt), b[0].t().to(dt).contiguous()
+            else:  # bmm is fastest with A^T as a view and B^T contiguous
+                d["a"], d["b"] = a.transpose(1, 2).to(dt), b.transpose(1, 2).to(dt).contiguous()
+        if ro is not None and ro.reads_embedding:
+            w = ro.w_user if ro.kind == "user-aware" else ro.w_emb
+            e = w(emb if emb is not None else ro.fallback_emb.unsqueeze(0))   # under autocast, as the training path
+            if e.shape[0] > 1:
+                d["e"] = e.unsqueeze(1)
+            else:  # the same for every row: a bias on the logits' columns of the fused matmul
+                e, kr = e[0], ex.k * ex.r
+                if d["shared"]:
+                    d["bias"] = torch.cat([e.new_zeros(kr + a.shape[1]), e])
+                else:
+                    d["bias"] = torch.cat([e.new_zeros(kr), e] + ([e] if ro.kind == "lora-aware" else []))
+        st.cache[site] = (c, emb, a, b, st.lora_rows, st.lora_shared, n, d)
+        return c, d
+
+    def _fused(self, x: torch.Tensor, st: RoutingState) -> torch.Tensor:
+        """The forward pass of inference: the training path's sums as the base, one matmul for every A
+        and the router's text rows, a 0/1 matmul spreading the gates and one for every B; per-row
+        user factors by ``bmm`` when the rows' users differ."""
+        c, d = self._bound(st, x)
+        dt, base = x.dtype, self._modules["base"]
+        if d["shared"]:
+            x2 = x.reshape(-1, x.shape[-1])                                  # (N, d_in), N = B*T
+            y = base(x2)
+            if c is None:                                                    # a user LoRA only
+                y = torch.addmm(y, F.linear(x2, d["a"]), d["b"], alpha=self.user_scaling)
+                return y.view(*x.shape[:-1], -1)
+            # z = [A_1 x .. A_K x, A_u x, router logits]; the user's LoRA is an expert with gate 1.
+            k = c.spread.shape[0]
+            z = F.linear(x2, d["a"], d.get("bias"))
+            logits = z[:, -k:]
+            if "e" in d:
+                logits = (logits.view(*x.shape[:-1], k) + d["e"]).view(-1, k)
+            gates = torch.addmm(c.ones_u, _softmax(logits, dt), c.spread_u)  # (N, (K+1)*r)
+            y = torch.addmm(y, z[:, :-k] * gates, d["b"])
+            return y.view(*x.shape[:-1], -1)
+        y = base(x)
+        if c is None:                                                        # per-row user LoRAs only
+            return torch.baddbmm(y, torch.bmm(x, d["a"]), d["b"], alpha=self.user_scaling)
+        k, kr = c.spread.shape
+        z = F.linear(x, c.a, d.get("bias"))                                  # [A_k x; text logits; (group logits)]
+        lora = "a" in d
+        if lora:
+            lora_h = torch.bmm(x, d["a"])                                    # (B, T, r), each row its own user
+            y = torch.baddbmm(y, lora_h, d["b"], alpha=self.user_scaling)
+        if c.w_l is not None:                                                # the LoRA-aware router
+            group = z[..., kr + k:]
+            if not lora:
+                logits = group
+            else:
+                logits = z[..., kr:kr + k] + F.linear(lora_h, c.w_l)
+                if st.lora_rows is not None:
+                    logits = torch.where(st.lora_rows.view(-1, 1, 1), logits, group)
+        else:
+            logits = z[..., kr:kr + k]
+        if "e" in d:
+            logits = logits + d["e"]
+        h = z[..., :kr] * torch.matmul(_softmax(logits, dt), c.spread)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), c.b).view_as(y)
