@@ -12,6 +12,15 @@ is computed the same way on either path.
 Rows are independent: a row's logits depend only on its own tokens and its
 own user (masked positions contribute exact zeros), which the tests check
 against decoding each row alone.
+
+A row's user factors are read from the model's banks once, when it joins
+(:meth:`ProperModel.bind` on the joining rows), and then travel with the row
+like its KV cache: concatenated when rows join, selected when rows leave
+(:class:`BoundRows`). A step binds nothing: it hands the rows' factors, and
+what the layers derived from them for the fused inference path
+(:class:`~properlm.model.layers.RoutingState` ``cache``), back to the model.
+So an answer is decoded to its end with the LoRA it started with: a user's
+LoRA replaced in the bank meanwhile applies from their next request.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from properlm.model.device import autocast, device_of
+from properlm.model.layers import RoutingState
 from properlm.model.proper import ProperModel
 
 
@@ -55,6 +65,81 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+@dataclass
+class BoundRows:
+    """The rows' users as the model's :class:`RoutingState` holds them, kept with the rows between steps.
+
+    Attributes:
+        emb: site -> (B, d_e) stage-2 embeddings (absent: every row routes with the fallback).
+        lora: site -> (A (B, r, d_in), B (B, d_out, r)) LoRA factors, zeros for rows without one
+            (absent: no row has one).
+        lora_rows: (B,) bool, the rows with a LoRA when only some have one.
+        lora_users: per row, whose LoRA (None: none).
+        cache: what the layers derived from these factors (kept across steps; per set of rows).
+    """
+
+    emb: dict[str, torch.Tensor]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    lora_rows: torch.Tensor | None
+    lora_users: list[str | None]
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def shared(self) -> bool:
+        """Every row has the same user's LoRA."""
+        return bool(self.lora) and self.lora_users[0] is not None and len(set(self.lora_users)) == 1
+
+    @classmethod
+    def of(cls, state: RoutingState, lora_users: list[str | None]) -> "BoundRows":
+        return cls(dict(state.user_emb), dict(state.user_lora), state.lora_rows, list(lora_users))
+
+    def install(self, state: RoutingState) -> None:
+        state.clear()
+        state.user_emb, state.user_lora, state.lora_rows = self.emb, self.lora, self.lora_rows
+        state.lora_shared, state.cache = self.shared, self.cache
+
+    def _normal(self) -> "BoundRows":
+        if self.lora_rows is not None:
+            if bool(self.lora_rows.all()):
+                self.lora_rows = None
+            elif not bool(self.lora_rows.any()):
+                self.lora, self.lora_rows = {}, None
+        return self
+
+    def select(self, idx: torch.Tensor) -> "BoundRows":
+        """The rows ``idx`` (in that order)."""
+        return BoundRows({k: v.index_select(0, idx) for k, v in self.emb.items()},
+                         {k: (a.index_select(0, idx), b.index_select(0, idx)) for k, (a, b) in self.lora.items()},
+                         None if self.lora_rows is None else self.lora_rows.index_select(0, idx),
+                         [self.lora_users[i] for i in idx.tolist()])._normal()
+
+    def cat(self, other: "BoundRows", model: ProperModel) -> "BoundRows":
+        """These rows, then ``other``'s; a side without embeddings or LoRAs gets the fallback embedding / zeros."""
+        n, m = len(self.lora_users), len(other.lora_users)
+        emb = {}
+        for k in self.emb.keys() | other.emb.keys():
+            fb = model.sites[k].router.fallback_emb
+            emb[k] = torch.cat([self.emb[k] if k in self.emb else fb.expand(n, -1),
+                                other.emb[k] if k in other.emb else fb.expand(m, -1)])
+        lora = {}
+        for k in self.lora.keys() | other.lora.keys():
+            a, b = self.lora[k] if k in self.lora else (None, None)
+            a2, b2 = other.lora[k] if k in other.lora else (None, None)
+            a = a if a is not None else a2.new_zeros((n, *a2.shape[1:]))
+            b = b if b is not None else b2.new_zeros((n, *b2.shape[1:]))
+            a2 = a2 if a2 is not None else a.new_zeros((m, *a.shape[1:]))
+            b2 = b2 if b2 is not None else b.new_zeros((m, *b.shape[1:]))
+            lora[k] = (torch.cat([a, a2]), torch.cat([b, b2]))
+        rows = None
+        if lora:
+            def mask(side: "BoundRows", k: int) -> torch.Tensor:
+                if side.lora_rows is not None:
+                    return side.lora_rows
+                return torch.full((k,), bool(side.lora), dtype=torch.bool, device=model.device)
+            rows = torch.cat([mask(self, n), mask(other, m)])
+        return BoundRows(emb, lora, rows, self.lora_users + other.lora_users)._normal()
+
+
 class DecodeBatch:
     """The rows being decoded together, their cache and users.
 
@@ -73,17 +158,26 @@ class DecodeBatch:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None    # (B, T) 1 on real tokens
         self.next_logits: torch.Tensor | None = None  # (B, V) float32, the logits of each row's next token
+        self.bound: BoundRows | None = None       # the rows' users (a ProperModel only)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     # -- users ---------------------------------------------------------------------------------
-    def _bind(self, rows: list[Row]) -> None:
-        if isinstance(self.model, ProperModel):
-            self.model.bind(lora_users=[r.lora_user for r in rows], emb_users=[r.emb_user for r in rows])
+    def _bind(self, rows: list[Row]) -> BoundRows | None:
+        """The joining rows' users, read from the banks (the only place a decode batch reads them)."""
+        if not isinstance(self.model, ProperModel):
+            return None
+        users = [r.lora_user for r in rows]
+        try:
+            self.model.bind(lora_users=users, emb_users=[r.emb_user for r in rows])
+            return BoundRows.of(self.model.state, users)
+        finally:
+            self.model.state.clear()
 
-    def _forward(self, ids, mask, pos, cache, rows: list[Row]) -> torch.Tensor:
-        self._bind(rows)
+    def _forward(self, ids, mask, pos, cache, bound: BoundRows | None) -> torch.Tensor:
+        if bound is not None:
+            bound.install(self.model.state)
         try:
             with torch.no_grad(), autocast(self.bf16, self.device):
                 # logits_to_keep=1: the LM head only at the last position (a prefill of long prompts
@@ -112,13 +206,16 @@ class DecodeBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(ids, mask, pos, cache, rows)
-        self._merge(rows, cache, mask, logits)
+        bound = self._bind(rows)
+        logits = self._forward(ids, mask, pos, cache, bound)
+        self._merge(rows, cache, mask, logits, bound)
         return logits
 
-    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+    def _merge(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
+               bound: BoundRows | None) -> None:
         if self.cache is None or not self.rows:
             self.rows, self.cache, self.mask, self.next_logits = list(rows), cache, mask, logits
+            self.bound = bound  # with what the prefill derived from it: the same rows step on
             return
         t_old, t_new = self.mask.shape[1], mask.shape[1]
         t = max(t_old, t_new)
@@ -128,6 +225,8 @@ class DecodeBatch:
         self.mask = torch.cat([_pad_left(self.mask, t - t_old, 1), _pad_left(mask, t - t_new, 1)], 0)
         self.rows += rows
         self.next_logits = torch.cat([self.next_logits, logits], 0)
+        if bound is not None:
+            self.bound = self.bound.cat(bound, self.model)
 
     # -- leaving -------------------------------------------------------------------------------
     def remove(self, keys: set) -> None:
@@ -136,7 +235,7 @@ class DecodeBatch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.cache, self.mask, self.next_logits = [], None, None, None
+            self.rows, self.cache, self.mask, self.next_logits, self.bound = [], None, None, None, None
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
         for layer in self.cache.layers:
@@ -144,6 +243,8 @@ class DecodeBatch:
         self.mask = self.mask.index_select(0, idx)
         self.next_logits = self.next_logits.index_select(0, idx)
         self.rows = [self.rows[i] for i in keep]
+        if self.bound is not None:
+            self.bound = self.bound.select(idx)
         # Columns every row has as padding are dropped (a long prompt that left leaves no dead width behind).
         lead = int((self.mask.cumsum(1) == 0).sum(1).min())
         if lead:
@@ -162,7 +263,7 @@ class DecodeBatch:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
         pos = torch.tensor([[r.length - 1] for r in self.rows], dtype=torch.long, device=self.device)
-        self.next_logits = self._forward(ids, self.mask, pos, self.cache, self.rows)
+        self.next_logits = self._forward(ids, self.mask, pos, self.cache, self.bound)
         return self.next_logits
 
 
