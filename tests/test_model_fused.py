@@ -169,6 +169,22 @@ def test_cached_weights_follow_changed_weights(group_model, tok, h, change):
     torch.testing.assert_close(after, _unfused(pm, tok, h, lora, emb), atol=2e-6, rtol=0)
 
 
+def test_weights_are_checked_once_per_binding(group_model, tok, h):
+    """Within one binding the weights are those of its first pass; the next binding sees a change."""
+    pm = _stage3(group_model, h)
+    b = h.batch(tok, h.make_examples({"u": "love"}, n=2))
+    pm.bind(lora_users=["ta", "tb"], emb_users=["ua", None])
+    with torch.no_grad():
+        first = pm(b["input_ids"], b["attention_mask"])
+        for s in pm.sites.values():
+            s.experts.lora_B.mul_(-2.0)
+        assert torch.equal(pm(b["input_ids"], b["attention_mask"]), first)
+    pm.state.clear()
+    after = _logits(pm, tok, h, ["ta", "tb"], ["ua", None])
+    assert (after - first).abs().max() > 1e-3
+    torch.testing.assert_close(after, _unfused(pm, tok, h, ["ta", "tb"], ["ua", None]), atol=2e-6, rtol=0)
+
+
 def test_a_rebind_reads_a_replaced_lora(group_model, tok, h):
     pm = _stage3(group_model, h)
     before = _logits(pm, tok, h, ["ta", "ta"], [None, None])

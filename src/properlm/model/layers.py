@@ -19,11 +19,12 @@ experts' columns; the experts' B and the user's B are one ``addmm``. For one use
 that is three matmuls beside the base instead of seven; rows of different users add
 their own A and B by ``bmm`` and the router's ``W_l (A_u x)``. The concatenated
 weights (a copy of the adapters' weights, per compute dtype) are cached per layer and
-rebuilt when a source tensor changes (an optimizer step, a loaded stage, a replaced
-router, new storage); what is derived from the bound users (their factors in the
-compute dtype, the router's embedding term) is cached in the :class:`RoutingState`
-while they stay bound. Training (autograd on) keeps the unfused path, so its numbers
-are exactly what they were; the fused path's differ from them by float rounding.
+rebuilt when a source tensor changed (an optimizer step, a loaded stage, a replaced
+router, new storage), checked once per binding of users; what is derived from the
+bound users (their factors in the compute dtype, the router's embedding term) is
+cached in the :class:`RoutingState` while they stay bound. Training (autograd on)
+keeps the unfused path, so its numbers are exactly what they were; the fused path's
+differ from them by float rounding.
 """
 
 from __future__ import annotations
@@ -380,6 +381,11 @@ class ProperLinear(nn.Module):
         """This layer's fused weights for x's dtype (None: no experts) and what it derives from the
         bound users for them, cached in ``st`` while the same users' tensors stay bound.
 
+        The weights are checked against their sources when a binding first runs this layer
+        (after each ``bind``, each join or leave of a decode batch), not at every pass: the
+        check touches every source tensor, a few percent of a decode step. A change to the
+        experts or routers between two passes of one binding applies from the next binding.
+
         ``e``: the router's embedding term per row (B, 1, K), or, when it is one row,
         ``bias``: a bias for the fused matmul that adds it to the router's logits. ``a``,
         ``b``: the user factors in x's dtype, per row (B, r, d_in) transposed and (B, r, d_out),
@@ -387,21 +393,21 @@ class ProperLinear(nn.Module):
         the fused rows [A_1..A_K; A_u; router text rows + W_l A_u] and [s B_1..s B_K;
         s_u B_u] (transposed).
         """
-        mods, dt = self._modules, x.dtype
+        site, dt = self.site, x.dtype
+        emb = st.user_emb.get(site)
+        a, b = st.user_lora.get(site, (None, None))
+        n = x.shape[0]
+        hit = st.cache.get(site)
+        if (hit is not None and hit[0] == dt and hit[1] is emb and hit[2] is a and hit[3] is b
+                and hit[4] is st.lora_rows and hit[5] == st.lora_shared and hit[6] == n):
+            return hit[7], hit[8]
+        mods = self._modules
         ex, ro = mods.get("experts"), mods.get("router")
         c = None
         if ex is not None:
             c = self._fused_w.get(dt)
             if c is None or not c.fresh(ex, ro):
                 c = self._fused_w[dt] = _Fused(self, dt)
-        site = self.site
-        emb = st.user_emb.get(site)
-        a, b = st.user_lora.get(site, (None, None))
-        n = x.shape[0]
-        hit = st.cache.get(site)
-        if (hit is not None and hit[0] is c and hit[1] is emb and hit[2] is a and hit[3] is b
-                and hit[4] is st.lora_rows and hit[5] == st.lora_shared and hit[6] == n):
-            return c, hit[7]
         d: dict = {"shared": False}
         if a is not None:
             d["shared"] = (st.lora_shared and st.lora_rows is None
@@ -429,7 +435,7 @@ class ProperLinear(nn.Module):
                     d["bias"] = torch.cat([e.new_zeros(kr + a.shape[1]), e])
                 else:
                     d["bias"] = torch.cat([e.new_zeros(kr), e] + ([e] if ro.kind == "lora-aware" else []))
-        st.cache[site] = (c, emb, a, b, st.lora_rows, st.lora_shared, n, d)
+        st.cache[site] = (dt, emb, a, b, st.lora_rows, st.lora_shared, n, c, d)
         return c, d
 
     def _fused(self, x: torch.Tensor, st: RoutingState) -> torch.Tensor:
