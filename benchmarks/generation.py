@@ -18,12 +18,13 @@ the same-precision ratios are reported too.
 
 Decode steps (:func:`bench_decode`, float32), seconds per token step of a
 :class:`~properlm.model.decoding.DecodeBatch` after the prefill, the contenders stepped
-in turn one token at a time (the order rotating), so a busy machine slows them alike:
+in turn one token at a time (the order rotating), so a busy machine slows them alike;
+the median over every timed step (the mean is reported too):
 
 - ``single``: one query of one user: plain transformers (the same base, nothing wrapped)
   against the full stage-3 model with that user's LoRA, the LoRA-only model, and PEFT
-  with one LoRA active. The target is the full model's cost per token against plain
-  transformers (at most 1.10x);
+  with one LoRA active, and the full model with its fused inference path off. The target
+  is the full model's cost per token against plain transformers (at most 1.10x);
 - ``mixed``: 32 rows of 32 users in one batch: the full model and the LoRA-only model
   against one PEFT model holding all 32 adapters, called with ``adapter_names`` (PEFT's
   own mixed-adapter batch inference). Target: PEFT's step at least 2.5x the full model's.
@@ -86,9 +87,12 @@ def contenders(cfg: BenchConfig, log=print):
     return users, prompts, tok, full, lo, peft
 
 
-def _step_race(batches: dict[str, DecodeBatch], steps: int, timer: Timer) -> dict[str, list[list[int]]]:
+def _step_race(batches: dict[str, DecodeBatch], steps: int, timer: Timer,
+               fuse: dict[str, tuple] | None = None) -> dict[str, list[list[int]]]:
     """Greedy-decode ``steps`` tokens in every batch, one step of each in turn (the order rotating),
-    timing each step under its contender's name; the tokens each batch chose, per row."""
+    timing each step under its contender's name; the tokens each batch chose, per row.
+
+    ``fuse``: name -> (model, on) for contenders that share a model but not its fused path."""
     names = list(batches)
     chosen = {k: [[] for _ in b.rows] for k, b in batches.items()}
     for i in range(steps):
@@ -97,9 +101,21 @@ def _step_race(batches: dict[str, DecodeBatch], steps: int, timer: Timer) -> dic
             picks = [int(t) for t in b.next_logits.argmax(-1)]
             for row, t in zip(chosen[k], picks):
                 row.append(t)
+            if fuse and k in fuse:
+                fuse[k][0].state.fuse = fuse[k][1]
             with timer(k):
                 b.step(picks)
+    if fuse:
+        for model, _ in fuse.values():
+            model.state.fuse = True
     return chosen
+
+
+def _per_step(timer: Timer) -> dict[str, dict]:
+    """Median and mean seconds per step of each contender over every timed step (the median: a step
+    that another process interrupted says little about either side)."""
+    return {k: {"seconds_per_step": median(v), "mean_seconds_per_step": sum(v) / len(v), "steps_timed": len(v)}
+            for k, v in timer.rounds.items()}
 
 
 def bench_decode(cfg: BenchConfig, models=None, log=print) -> dict:
@@ -110,67 +126,69 @@ def bench_decode(cfg: BenchConfig, models=None, log=print) -> dict:
     users, prompts, tok, full, lo, peft = models or contenders(cfg, log)
     plain, _ = load_base(cfg.model, attention=cfg.attention)
     plain.eval()
-    steps, rounds = cfg.gen_tokens, max(cfg.gen_repeats, 3)
+    steps = cfg.gen_tokens
+    rounds_single, rounds_mixed = 4 * max(cfg.gen_repeats, 2), max(cfg.gen_repeats, 3)
     ids = [encode_prompt(tok, p, 512) for p in prompts]
-    out: dict = {"steps": steps, "rounds": rounds, "precision": "fp32"}
+    out: dict = {"steps": steps, "rounds_single": rounds_single, "rounds_mixed": rounds_mixed, "precision": "fp32"}
 
     # -- one user ----------------------------------------------------------------------------
-    agree, per_round = [], {}
-    for r in range(rounds):
+    # proper_unfused: the same full model with its fused inference path off (the training path's
+    # matmuls, the users still bound once per batch).
+    timer, agree, same = Timer(), [], []
+    fuse = {"proper_unfused": (full, False)} if hasattr(full.state, "fuse") else {}
+    for r in range(rounds_single):
         u = users[r % len(users)]
         peft.set_adapter(u)
         batches = {}
-        for k, model in (("plain", plain), ("proper", full), ("proper_lora_only", lo), ("peft_one_lora", peft)):
+        for k, model in (("plain", plain), ("proper", full), ("proper_lora_only", lo), ("peft_one_lora", peft),
+                         *((("proper_unfused", full),) if fuse else ())):
             batches[k] = DecodeBatch(model, tok.pad_token_id)
             batches[k].add([Row(k, ids[r % len(users)], u if k.startswith("proper") else None)])
-        timer = Timer()
-        chosen = _step_race(batches, steps, timer)
-        for k in batches:
-            per_round.setdefault(k, []).append(sum(timer.rounds[k]) / steps)
+        chosen = _step_race(batches, steps, timer, fuse)
         agree.append(chosen["proper_lora_only"] == chosen["peft_one_lora"])
-    single = {k: {"seconds_per_step": median(v), "rounds": v} for k, v in per_round.items()}
-    for k in ("proper", "proper_lora_only", "peft_one_lora"):
-        single[f"{k}_vs_plain"] = single[k]["seconds_per_step"] / single["plain"]["seconds_per_step"]
-        single[f"{k}_vs_plain_round_median"] = median([a / b for a, b in zip(per_round[k], per_round["plain"])])
-    single["proper_vs_peft_one_lora"] = single["proper"]["seconds_per_step"] / single["peft_one_lora"]["seconds_per_step"]
+        if fuse:
+            same.append(chosen["proper"] == chosen["proper_unfused"])
+    single = _per_step(timer)
+    t = {k: v["seconds_per_step"] for k, v in single.items()}
+    for k in t:
+        if k != "plain":
+            single[f"{k}_vs_plain"] = t[k] / t["plain"]
+    single["proper_vs_peft_one_lora"] = t["proper"] / t["peft_one_lora"]
     single["lora_only_tokens_equal_peft"] = f"{sum(agree)}/{len(agree)}"
+    if fuse:
+        single["fused_tokens_equal_unfused"] = f"{sum(same)}/{len(same)}"
     out["single"] = single
-    log(f"[decode] one user, fp32, s/step: plain {single['plain']['seconds_per_step'] * 1e3:.1f} ms, proper "
-        f"{single['proper']['seconds_per_step'] * 1e3:.1f} ms ({single['proper_vs_plain']:.2f}x plain, "
-        f"{single['proper_vs_peft_one_lora']:.2f}x PEFT), LoRA-only {single['proper_lora_only_vs_plain']:.2f}x plain, "
-        f"PEFT one LoRA {single['peft_one_lora_vs_plain']:.2f}x plain")
+    log(f"[decode] one user, fp32, median s/step: plain {t['plain'] * 1e3:.1f} ms, proper {t['proper'] * 1e3:.1f} ms "
+        f"({single['proper_vs_plain']:.3f}x plain, {single['proper_vs_peft_one_lora']:.3f}x PEFT), LoRA-only "
+        f"{single['proper_lora_only_vs_plain']:.3f}x plain, PEFT one LoRA {single['peft_one_lora_vs_plain']:.3f}x plain"
+        + (f", proper unfused {single['proper_unfused_vs_plain']:.3f}x plain (tokens equal to fused "
+           f"{single['fused_tokens_equal_unfused']})" if fuse else ""))
 
     # -- a mixed batch of every user ----------------------------------------------------------
-    per_round, agree = {}, 0
+    timer, agree = Timer(), 0
     named = PeftRows(peft, users)
-    for r in range(rounds):
+    for r in range(rounds_mixed):
         batches = {}
         for k, model in (("plain", plain), ("proper", full), ("proper_lora_only", lo), ("peft_adapter_names", named)):
             batches[k] = DecodeBatch(model, tok.pad_token_id)
             batches[k].add([Row(i, ids[i], u if k.startswith("proper") else None) for i, u in enumerate(users)])
-        timer = Timer()
         chosen = _step_race(batches, steps, timer)
-        for k in batches:
-            per_round.setdefault(k, []).append(sum(timer.rounds[k]) / steps)
         agree += sum(a == b for a, b in zip(chosen["proper_lora_only"], chosen["peft_adapter_names"]))
-    mixed = {k: {"seconds_per_step": median(v), "rounds": v} for k, v in per_round.items()}
-    p = mixed["peft_adapter_names"]["seconds_per_step"]
-    mixed["peft_vs_proper"] = p / mixed["proper"]["seconds_per_step"]
-    mixed["peft_vs_proper_lora_only"] = p / mixed["proper_lora_only"]["seconds_per_step"]
-    mixed["peft_vs_proper_round_median"] = median([a / b for a, b in zip(per_round["peft_adapter_names"],
-                                                                          per_round["proper"])])
+    mixed = _per_step(timer)
+    t = {k: v["seconds_per_step"] for k, v in mixed.items()}
+    p = t["peft_adapter_names"]
+    mixed["peft_vs_proper"] = p / t["proper"]
+    mixed["peft_vs_proper_lora_only"] = p / t["proper_lora_only"]
     # The most any adapter implementation could reach: PEFT's step against the base's own.
-    mixed["peft_vs_plain"] = p / mixed["plain"]["seconds_per_step"]
-    mixed["proper_vs_plain"] = mixed["proper"]["seconds_per_step"] / mixed["plain"]["seconds_per_step"]
+    mixed["peft_vs_plain"] = p / t["plain"]
+    mixed["proper_vs_plain"] = t["proper"] / t["plain"]
     mixed["rows"] = len(users)
-    mixed["lora_only_rows_equal_peft"] = f"{agree}/{len(users) * rounds}"
+    mixed["lora_only_rows_equal_peft"] = f"{agree}/{len(users) * rounds_mixed}"
     out["mixed"] = mixed
-    log(f"[decode] {len(users)} users in one batch, fp32, s/step: plain {mixed['plain']['seconds_per_step']:.3f}, "
-        f"proper {mixed['proper']['seconds_per_step']:.3f}, "
-        f"LoRA-only {mixed['proper_lora_only']['seconds_per_step']:.3f}, PEFT adapter_names {p:.3f} -> "
+    log(f"[decode] {len(users)} users in one batch, fp32, median s/step: plain {t['plain']:.3f}, proper "
+        f"{t['proper']:.3f}, LoRA-only {t['proper_lora_only']:.3f}, PEFT adapter_names {p:.3f} -> "
         f"{mixed['peft_vs_proper']:.2f}x ({mixed['peft_vs_proper_lora_only']:.2f}x LoRA-only; PEFT vs plain "
-        f"{mixed['peft_vs_plain']:.2f}x, the ceiling); LoRA-only rows "
-        f"equal to PEFT's {agree}/{len(users) * rounds}")
+        f"{mixed['peft_vs_plain']:.2f}x, the ceiling); LoRA-only rows equal to PEFT's {mixed['lora_only_rows_equal_peft']}")
     return out
 
 

@@ -126,11 +126,13 @@ def summary(res: dict) -> str:
         if "decode" in g:
             d = g["decode"]
             s1, mx = d["single"], d["mixed"]
-            lines.append(f"  decode, one user ({d['precision']}, ms/step): plain {s1['plain']['seconds_per_step'] * 1e3:.1f}, "
-                         f"full model {s1['proper']['seconds_per_step'] * 1e3:.1f} ({s1['proper_vs_plain']:.2f}x plain, "
-                         f"{s1['proper_vs_peft_one_lora']:.2f}x PEFT), LoRA-only {s1['proper_lora_only_vs_plain']:.2f}x "
-                         f"plain, PEFT one LoRA {s1['peft_one_lora_vs_plain']:.2f}x plain")
-            lines.append(f"  decode, {mx['rows']} users in one batch ({d['precision']}, s/step): plain "
+            lines.append(f"  decode, one user ({d['precision']}, median ms/step): plain "
+                         f"{s1['plain']['seconds_per_step'] * 1e3:.1f}, full model {s1['proper']['seconds_per_step'] * 1e3:.1f} "
+                         f"({s1['proper_vs_plain']:.3f}x plain, {s1['proper_vs_peft_one_lora']:.3f}x PEFT), LoRA-only "
+                         f"{s1['proper_lora_only_vs_plain']:.3f}x plain, PEFT one LoRA {s1['peft_one_lora_vs_plain']:.3f}x plain"
+                         + (f", full model unfused {s1['proper_unfused_vs_plain']:.3f}x plain"
+                            if "proper_unfused_vs_plain" in s1 else ""))
+            lines.append(f"  decode, {mx['rows']} users in one batch ({d['precision']}, median s/step): plain "
                          f"{mx['plain']['seconds_per_step']:.3f}, full model "
                          f"{mx['proper']['seconds_per_step']:.3f}, LoRA-only {mx['proper_lora_only']['seconds_per_step']:.3f}, "
                          f"PEFT adapter_names {mx['peft_adapter_names']['seconds_per_step']:.3f} -> "
