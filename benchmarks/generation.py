@@ -92,7 +92,8 @@ def _step_race(batches: dict[str, DecodeBatch], steps: int, timer: Timer,
     """Greedy-decode ``steps`` tokens in every batch, one step of each in turn (the order rotating),
     timing each step under its contender's name; the tokens each batch chose, per row.
 
-    ``fuse``: name -> (model, on) for contenders that share a model but not its fused path."""
+    ``fuse``: name -> (model, on) for contenders that share a model but not its fused path (each
+    sets it before its own steps)."""
     names = list(batches)
     chosen = {k: [[] for _ in b.rows] for k, b in batches.items()}
     for i in range(steps):
@@ -135,7 +136,7 @@ def bench_decode(cfg: BenchConfig, models=None, log=print) -> dict:
     # proper_unfused: the same full model with its fused inference path off (the training path's
     # matmuls, the users still bound once per batch).
     timer, agree, same = Timer(), [], []
-    fuse = {"proper_unfused": (full, False)} if hasattr(full.state, "fuse") else {}
+    fuse = {"proper": (full, True), "proper_unfused": (full, False)} if hasattr(full.state, "fuse") else {}
     for r in range(rounds_single):
         u = users[r % len(users)]
         peft.set_adapter(u)
