@@ -7,31 +7,9 @@ and a one-user batch runs three extra matmuls per wrapped linear.
 
 from __future__ import annotations
 
-from torch.overrides import TorchFunctionMode
-
 from properlm.model.decoding import DecodeBatch, Row
 from properlm.model.prompts import encode_prompt
-
-MATMULS = {"linear", "matmul", "mm", "bmm", "baddbmm", "addmm", "einsum", "__matmul__"}
-
-
-class CountMatmuls(TorchFunctionMode):
-    """Counts the matmul-like torch calls made inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in MATMULS:
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def _stage3(group_model, h, users=("ta", "tb", "tc")):
-    pm = group_model()
-    h.add_random_users(pm, list(users))
-    return pm
+from test_model_fused import CountMatmuls, _stage3  # tests/ is on the path
 
 
 def _greedy(pm, tok, h, rows, steps=5):
