@@ -271,18 +271,7 @@ class _Verifier:
         except (OSError, ValueError) as e:
             self.found(sums, "corrupt", f"unreadable checksum list ({' '.join(str(e).split())})")
             return
-        for name, want in listed.items():
-            f = d / name
-            self.result.stage_files += 1
-            got = _sha256(f)
-            if got is None:
-                self.found(f, "missing", f"listed in {SUMS}")
-            elif got != want:
-                self.found(f, "corrupt", f"its sha256 differs from {SUMS}")
-        for f in sorted(d.rglob("*")):
-            rel = f.relative_to(d).as_posix()
-            if f.is_file() and rel != SUMS and rel not in listed:
-                self.stray(f, f"a file of the stage that {SUMS} does not list")
+        self.result.stage_files += self.listed_files(d, SUMS, listed, "stage")
 
     def checkpoint(self, d: Path) -> None:
         """A checkpoint ``step-*/``: its files against the sha256 in ``step.json``."""
@@ -297,18 +286,23 @@ class _Verifier:
         except (OSError, ValueError, AttributeError) as e:
             self.found(info, "corrupt", f"unreadable ({' '.join(str(e).split())})")
             return
+        self.result.checkpoint_files += self.listed_files(d, "step.json", sums, "checkpoint")
+
+    def listed_files(self, d: Path, listing: str, sums: dict, what: str) -> int:
+        """Each file ``sums`` lists (name -> sha256) against its bytes; files of ``d`` it does not list
+        are strays. Returns how many files were listed."""
         for name, want in sums.items():
             f = d / name
-            self.result.checkpoint_files += 1
             got = _sha256(f)
             if got is None:
-                self.found(f, "missing", "listed in step.json")
+                self.found(f, "missing", f"listed in {listing}")
             elif got != want:
-                self.found(f, "corrupt", "its sha256 differs from step.json")
+                self.found(f, "corrupt", f"its sha256 differs from {listing}")
         for f in sorted(d.rglob("*")):
             rel = f.relative_to(d).as_posix()
-            if f.is_file() and rel != "step.json" and rel not in sums:
-                self.stray(f, "a file of the checkpoint that step.json does not list")
+            if f.is_file() and rel != listing and rel not in sums:
+                self.stray(f, f"a file of the {what} that {listing} does not list")
+        return len(sums)
 
     def tree(self, top: Path) -> None:
         """logs/, checkpoints/, baselines/, eval/, report/, serve/, forgetting/: checkpoints, temporaries, intents."""
