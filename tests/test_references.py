@@ -55,3 +55,26 @@ def test_evaluate_run_scores_references_without_a_model(tmp_path):
     want = score("rating", [preds[k] for k in golds], [golds[k] for k in golds])
     assert res["methods"]["user-mean"]["metrics"]["mae"] == pytest.approx(want["mae"])
     assert (run / "eval" / "item-mean" / "predictions.json").exists()
+
+
+def test_user_bm25_answers_with_the_closest_past_answer():
+    """LaMP-5: the query's abstract is closest by BM25 to one past abstract, whose title is the answer;
+    another user's history is never searched; no history gives the empty answer."""
+    from properlm.evaluate.references import references_for, user_bm25_predictions
+
+    q = "Generate a title for the following abstract of a paper: "
+    a = User("a", [Item("1", {"title": "Sparse routing", "abstract": "mixture of experts routing sparse gates"}),
+                   Item("2", {"title": "Graph kernels", "abstract": "kernels on graphs and walks"}),
+                   Item("4", {"title": "Speech", "abstract": "audio models for speech"}),
+                   Item("5", {"title": "Vision", "abstract": "image models for vision"})],
+             [Query("qa1", q + "we study sparse gates for experts", "x"),
+              Query("qa2", q + "random walks on graphs", "y")])
+    b = User("b", [Item("3", {"title": "Other user's title", "abstract": "sparse gates experts routing walks graphs"}),
+                   Item("6", {"title": "Proofs", "abstract": "lemma proof theorem"}),
+                   Item("7", {"title": "Games", "abstract": "players games equilibrium"})],
+             [Query("qb", q + "sparse gates", "z")])
+    c = User("c", [], [Query("qc", q + "anything", "w")])
+    p = user_bm25_predictions(get_task("LaMP-5"), [a, b, c])
+    assert p == {"qa1": "Sparse routing", "qa2": "Graph kernels", "qb": "Other user's title", "qc": ""}
+    assert references_for("generation") == ("user-bm25",)
+    assert set(references_for("rating")) == {"user-mean", "item-mean", "user-bm25"}

@@ -16,7 +16,8 @@ import argparse
 
 from properlm.errors import ProperError
 
-METHOD_CHOICES = ("stage1", "stage2", "proper", "stage3", "rag", "pag", "oppu-kv", "oppu-mlp", "user-mean", "item-mean")
+METHOD_CHOICES = ("stage1", "stage2", "proper", "stage3", "rag", "pag", "oppu-kv", "oppu-mlp", "user-mean", "item-mean",
+                  "user-bm25")
 
 
 def format_scores(result: dict) -> str:

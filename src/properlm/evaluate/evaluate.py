@@ -19,6 +19,8 @@ oppu-kv    stage 1 + a LoRA per user on attention k, v (trained when missing)
 oppu-mlp   stage 1 + a LoRA per user on the FFN (trained when missing)
 user-mean  rating tasks: the user's mean history rating (no model)
 item-mean  rating tasks: the item's mean rating over all users' histories
+user-bm25  any task: the answer of the user's history item closest to the query
+           by BM25, RAG's retrieval with no model (evaluate/references.py)
 =========  ===================================================================
 
 Queries of many users decode together (each row gathers its own user's LoRA).
@@ -54,8 +56,9 @@ from properlm.io import read_json, write_json, write_text
 from properlm.run_config import RunConfig
 
 METHODS = ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")
-#: Rating tasks only: the user's and the item's mean rating (no model; see evaluate/references.py).
-REFERENCE_METHODS = ("user-mean", "item-mean")
+#: No model (evaluate/references.py): the user's and the item's mean rating (rating tasks only), and the
+#: user's closest past answer by BM25 (any task).
+REFERENCE_METHODS = ("user-mean", "item-mean", "user-bm25")
 ALIASES = {"stage3": "proper", "non-personalized": "stage1", "oppu_kv": "oppu-kv", "oppu_mlp": "oppu-mlp"}
 #: Answer length by task kind (OPPU decodes up to 200 tokens; labels and scores need a few).
 MAX_NEW_TOKENS = {"classification": 16, "rating": 8, "generation": 64}
@@ -274,7 +277,8 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     Args:
         run_dir: a run directory made by ``properlm train``.
         methods: any of :data:`METHODS` (aliases: ``stage3``) or, for rating tasks,
-            :data:`REFERENCE_METHODS`; None: all of them (references only for rating tasks).
+            :data:`REFERENCE_METHODS`; None: all of them that apply (the mean ratings only for
+            rating tasks).
         sample: OPPU's sampling instead of greedy decoding (see the module doc).
         max_new_tokens: answer length limit; None: by task kind (:data:`MAX_NEW_TOKENS`).
         batch_size: queries decoded per forward pass (mixing users).
@@ -303,7 +307,9 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     cfg, task, targets = load_targets(run_dir)
     if decode == "labels" and not task.labels:
         raise ProperError(f"--decode labels needs a task with a label set; {task.name} is a {task.kind} task")
-    default = METHODS + (REFERENCE_METHODS if task.kind == "rating" else ())
+    from properlm.evaluate.references import references_for
+
+    default = METHODS + references_for(task.kind)
     methods = list(dict.fromkeys(canonical_method(m) for m in (methods or default)))
     gold_qs = [q for u in targets for q in u.queries if q.gold is not None]
     owners = query_owners(targets)
@@ -314,11 +320,12 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     result = {"run_dir": str(run_dir), "task": task.name, "lamp_id": task.lamp_id, "config": to_dict(cfg), "methods": {}}
     for method in methods:
         if method in REFERENCE_METHODS:
-            from properlm.evaluate.references import reference_predictions
+            from properlm.evaluate.references import reference_predictions, user_bm25_predictions
             from properlm.train.run import load_data
 
             try:
-                preds = reference_predictions(task, load_data(cfg), targets)[method]
+                preds = (user_bm25_predictions(task, targets) if method == "user-bm25"
+                         else reference_predictions(task, load_data(cfg), targets)[method])
             except ValueError as e:
                 raise ProperError(f"method {method}: {e}") from None
             result["methods"][method] = _write_method(run_dir, task, targets, method, preds, generation_seconds=0.0,

@@ -1,10 +1,14 @@
-"""Classical references for rating tasks: the user's mean rating and the item's mean rating.
+"""References without a model: the user's and the item's mean rating, and the user's closest past answer.
 
-Two numbers a user of a rating task (LaMP-3, MovieLens) asks for before
-believing an LLM: how well does predicting the user's own average rating do,
-and how well does predicting the item's average rating over everyone's
-history do? Predictions are the unrounded means as text, scored with the same
-MAE/RMSE code as every method.
+Numbers a user of a task asks for before believing an LLM. For a rating task
+(LaMP-3, MovieLens): how well does predicting the user's own average rating do,
+and how well does predicting the item's average rating over everyone's history
+do? Predictions are the unrounded means as text, scored with the same MAE/RMSE
+code as every method. For any task: how well does answering with the user's own
+past answer to the most similar past input do (``user-bm25``: LaMP's BM25
+retrieval of the top-1 history item, whose answer is returned as it is)? On a
+generation task that is the score of copying the user's style without writing
+anything new.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from collections import defaultdict
 
 from properlm.data.schema import Dataset, User
 from properlm.data.tasks import Task
+from properlm.evaluate.retrieval import bm25_top_k, rag_style
 
-REFERENCES = ("user-mean", "item-mean")
+RATING_REFERENCES = ("user-mean", "item-mean")
+#: Every reference: the rating ones, and ``user-bm25`` for any task.
+REFERENCES = RATING_REFERENCES + ("user-bm25",)
 _MARKER = re.compile(r"\b(?:movie|review): ")
 
 
@@ -63,4 +70,27 @@ def reference_predictions(task: Task, ds: Dataset, targets: list[User]) -> dict[
             scores = item_scores.get(_item_key(text))
             out["user-mean"][q.id] = f"{um:.4f}"
             out["item-mean"][q.id] = f"{(sum(scores) / len(scores)) if scores else global_mean:.4f}"
+    return out
+
+
+def references_for(kind: str) -> tuple[str, ...]:
+    """The references that apply to a task of this kind."""
+    return REFERENCES if kind == "rating" else ("user-bm25",)
+
+
+def user_bm25_predictions(task: Task, targets: list[User]) -> dict[str, str]:
+    """``{query_id: answer}``: the answer of the user's history item closest to the query by BM25.
+
+    Retrieval is RAG's (:func:`properlm.evaluate.retrieval.rag_style`: the same corpus
+    text and query extraction, LaMP's BM25Okapi on whitespace tokens). A user with no history answers
+    with the empty string.
+    """
+    style = rag_style(task)
+    out: dict[str, str] = {}
+    for u in targets:
+        corpus = [style.corpus(it.fields) for it in u.history]
+        for q in u.queries:
+            query = style.query(q.input)
+            best = bm25_top_k(corpus, u.history, q.input if query is None else query, k=1)
+            out[q.id] = best[0].fields.get(task.answer_field, "") if best else ""
     return out
