@@ -57,11 +57,11 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_every_method_writes_lamp_predictions_and_per_user_scores(run):
     _, _, targets = load_targets(run.main)
     qids = [q.id for u in targets for q in u.queries]
-    assert list(run.result["methods"]) == list(METHODS)
+    assert list(run.result["methods"]) == [*METHODS, "user-bm25"]  # the no-model reference that applies
     golds = json.loads((run.main / "eval" / "golds.json").read_text())
     assert golds["task"] == "synth-cls" and [g["id"] for g in golds["golds"]] == qids
     gold = {q.id: q.gold for u in targets for q in u.queries}
-    for m in METHODS:
+    for m in (*METHODS, "user-bm25"):
         d = run.main / "eval" / m
         pred = json.loads((d / "predictions.json").read_text())
         assert pred["task"] == "synth-cls" and [p["id"] for p in pred["golds"]] == qids
@@ -78,7 +78,7 @@ def test_every_method_writes_lamp_predictions_and_per_user_scores(run):
         assert [float(r["accuracy"]) for r in rows] == pytest.approx(
             [sum(right[q.id] for q in u.queries) / len(u.queries) for u in targets])
     summary = json.loads((run.main / "eval" / "summary.json").read_text())
-    assert list(summary["methods"]) == list(METHODS)
+    assert list(summary["methods"]) == [*METHODS, "user-bm25"]
 
 
 def _oppu_params_per_user(kind: str, r: int) -> int:
