@@ -136,3 +136,12 @@ def test_rating_runs_report_the_best_label_and_the_expected_rating(tmp_path, h):
     err = [e - g for e, g in zip(ev, golds.values())]
     assert res["methods"]["proper@expected"]["metrics"] == pytest.approx(
         {"mae": sum(abs(x) for x in err) / len(err), "rmse": (sum(x * x for x in err) / len(err)) ** 0.5})
+    # `instant compare --decode expected` reads the same expected ratings: stage 2's routings are filed as
+    # stage2-<routing>@expected, and PROPER's row is the proper@expected just scored.
+    from properlm.evaluate.unseen import compare_unseen
+
+    cmp = compare_unseen(tmp_path / "run", routings=["mean", "proper"], decode="expected", progress=False, n_boot=100)
+    assert cmp["routings"]["proper"]["metrics"] == res["methods"]["proper@expected"]["metrics"]
+    assert cmp["intervals"]["proper"]["per_query"]["mean"] == pytest.approx(sum(abs(x) for x in err) / len(err))
+    mean_route = outputs("stage2-mean@expected")
+    assert all(1.0 <= v <= 5.0 for v in mean_route) and len(set(mean_route)) > 1

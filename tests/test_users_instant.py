@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from properlm.cli import main
+from properlm.errors import ProperError
 from properlm.store.run import open_bank
 
 #: 14 users: 3 targets, 8 training users, 3 in the data but in no stage (newcomers).
@@ -118,6 +119,8 @@ def test_instant_fit_into_a_fit_run_and_compare_the_routings(tmp_path, capsys):
     assert report["users"] == 8 and report["validation"]["users"] == 2
     assert (run / "group" / "experts.safetensors").read_bytes() == experts and verify_run(run).ok
     emb_before = {u: open_bank(run, "emb").get(u)["params"] for u in json.loads((run / "split.json").read_text())["target"]}
+    with pytest.raises(ProperError, match="expected is for rating tasks"):
+        compare_unseen(run, decode="expected", progress=False)
     res = compare_unseen(run, decode="labels", progress=False, n_boot=200)
     assert set(res["routings"]) == {"mean", "instant", "fit", "proper"} and res["n_users"] == 3
     for r in ("instant", "fit"):

@@ -146,8 +146,9 @@ def register_instant(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--run", required=True, help="a trained run with an instant encoder")
     c.add_argument("--routings", nargs="+", default=None, choices=ROUTINGS, metavar="ROUTING",
                    help=f"what to compare (default: all): {', '.join(ROUTINGS)}")
-    c.add_argument("--decode", choices=("free", "labels"), default="free",
-                   help="free generation (default) or the best label by likelihood (classification, rating)")
+    c.add_argument("--decode", choices=("free", "labels", "expected"), default="free",
+                   help="free generation (default), the best label by likelihood (classification, rating), or the "
+                        "expected rating under the labels' likelihoods (rating tasks)")
     c.add_argument("--batch-size", type=int, default=32, help="queries answered together")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_instant_compare)

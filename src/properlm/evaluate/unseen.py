@@ -1,6 +1,6 @@
 """How the target users are routed at stage 2: the mean, the instant and the fitted embedding, and PROPER.
 
-    properlm instant compare --run runs/demo [--routings mean instant fit proper] [--decode labels]
+    properlm instant compare --run runs/demo [--routings mean instant fit proper] [--decode labels|expected]
 
 The run's target users were not in stage 2. The stage-2 model answers their
 held-out queries with each way of giving them an embedding:
@@ -16,7 +16,9 @@ proper      the run's full PROPER: their stage-3 LoRA, with the embedding the
 ==========  ================================================================
 
 Each is filed like an evaluated method under ``RUN/eval/stage2-<routing>/``
-(``RUN/eval/proper/`` for PROPER), with ``@labels`` for label decoding, but not
+(``RUN/eval/proper/`` for PROPER), with ``@labels`` for label decoding (the best
+label by summed likelihood) and ``@expected`` for the expected rating under the
+labels' likelihoods (rating tasks: what MAE is best read on), but not
 in ``summary.json`` (``properlm report`` leaves them out); ``RUN/eval/unseen.json``
 has the comparison: per routing the metrics, the per-query mean with a 95%
 interval from resampling users, the difference to ``mean`` (paired, resampling
@@ -36,7 +38,7 @@ from typing import Sequence
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.evaluate import (LABEL_SUFFIX, MAX_NEW_TOKENS, _generate, _history_lengths, _label_decode,
+from properlm.evaluate.evaluate import (EXPECTED_SUFFIX, LABEL_SUFFIX, MAX_NEW_TOKENS, _generate, _history_lengths, _label_decode,
                                         evaluate_run, lamp_predictions, load_targets, query_owners,
                                         score_predictions, write_csv)
 from properlm.evaluate.metrics import per_example_scores
@@ -44,13 +46,16 @@ from properlm.evaluate.stats import PER_QUERY, cluster_bootstrap
 from properlm.io import read_json, write_json
 
 ROUTINGS = ("mean", "instant", "fit", "proper")
+#: free generation; the best label by summed likelihood; the expected rating under the labels' likelihoods.
+DECODES = ("free", "labels", "expected")
+_SUFFIX = {"free": "", "labels": LABEL_SUFFIX, "expected": EXPECTED_SUFFIX}
 RESULT = "unseen.json"
 
 
 def method_name(routing: str, decode: str = "free") -> str:
     """Where a routing's answers are filed in ``RUN/eval``: ``stage2-instant``, ``proper@labels`` ..."""
     base = "proper" if routing == "proper" else f"stage2-{routing}"
-    return base + (LABEL_SUFFIX if decode == "labels" else "")
+    return base + _SUFFIX[decode]
 
 
 def target_embeddings(routing: str, cfg, run_dir: Path, pm, tok, examples) -> tuple[object | None, float]:
@@ -115,9 +120,9 @@ def _file(run_dir: Path, task, targets, name: str, preds: dict[str, str], extra:
 
 
 def _answer(model, tok, rows, task, settings: dict, decode: str, batch_size: int, progress: bool) -> dict[str, str]:
-    """Query id -> answer, freely generated or the best label by summed likelihood."""
-    if decode == "labels":
-        return _label_decode(model, tok, rows, task, settings, batch_size, "x")["x" + LABEL_SUFFIX]
+    """Query id -> answer: freely generated, the best label by summed likelihood, or the expected rating."""
+    if decode in ("labels", "expected"):
+        return _label_decode(model, tok, rows, task, settings, batch_size, "x")["x" + _SUFFIX[decode]]
     return _generate(model, tok, rows, settings, batch_size, "compare", progress)
 
 
@@ -135,13 +140,17 @@ def compare_unseen(run_dir: str | Path, routings: Sequence[str] | None = None, d
     from properlm.train.examples import user_examples
 
     run_dir = Path(run_dir)
+    if decode not in DECODES:
+        raise ProperError(f"unknown decoding {decode!r}: choose from {', '.join(DECODES)}")
     routings = list(dict.fromkeys(routings or ROUTINGS))
     bad = [r for r in routings if r not in ROUTINGS]
     if bad:
         raise ProperError(f"unknown routing {bad[0]!r}: choose from {', '.join(ROUTINGS)}")
     cfg, task, targets = load_targets(run_dir)
-    if decode == "labels" and not task.labels:
-        raise ProperError(f"--decode labels needs a task with a label set; {task.name} is a {task.kind} task")
+    if decode != "free" and not task.labels:
+        raise ProperError(f"--decode {decode} needs a task with a label set; {task.name} is a {task.kind} task")
+    if decode == "expected" and task.kind != "rating":
+        raise ProperError(f"--decode expected is for rating tasks; {task.name} is a {task.kind} task")
     gold = {q.id: q.gold for u in targets for q in u.queries if q.gold is not None}
     if not gold:
         raise ProperError(f"{run_dir}: the target users' queries have no gold answers: nothing to compare")
@@ -170,7 +179,8 @@ def compare_unseen(run_dir: str | Path, routings: Sequence[str] | None = None, d
                                                 preds[routing], extra)}
         del pm
     if "proper" in routings:
-        res = evaluate_run(run_dir, methods=["proper"], decode=decode, batch_size=batch_size,
+        res = evaluate_run(run_dir, methods=["proper"], decode="free" if decode == "free" else "labels",
+                           batch_size=batch_size,
                            max_prompt_tokens=max_prompt_tokens, progress=progress)
         name = method_name("proper", decode)
         filed = read_json(run_dir / "eval" / name / "predictions.json")["golds"]
