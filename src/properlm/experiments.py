@@ -228,7 +228,7 @@ def train_baselines(out: Path, name: str, methods, timings: dict) -> None:
         cfg, task, targets = load_targets(run_dir)
         for m in todo:
             with timed(out, timings, name, m):
-                baselines.train_oppu(cfg, run_dir, m, task.name, targets)
+                baselines.train_oppu(cfg, run_dir, m, task.name, targets, resume=True)
 
 
 def evaluate_variant(out: Path, name: str, decodes, task, progress: bool, timings: dict) -> None:

@@ -102,7 +102,8 @@ def train_oppu(cfg: RunConfig, run_dir: str | Path, kind: str, task: str, target
         kind: ``"oppu-kv"`` (attention k, v) or ``"oppu-mlp"`` (FFN gate, up, down).
         task: the run's task name.
         targets: the target users; each trains on their own history only.
-        resume: continue from the baseline's last checkpoint.
+        resume: continue from the baseline's last checkpoint (``properlm evaluate`` and the grid
+            do: an evaluation stopped while it trained a baseline goes on where it stopped).
 
     Returns:
         ``RUN/baselines/<kind>``.

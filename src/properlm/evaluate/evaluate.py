@@ -204,7 +204,7 @@ def _model(method: str, cfg: RunConfig, run_dir: Path, task: Task, targets: list
         raise ProperError(f"{run_dir}: method {method} needs stage {need}; train it first")
     if method in baselines.OPPU_TARGETS:
         if not baselines.oppu_trained(run_dir, method):
-            baselines.train_oppu(cfg, run_dir, method, task.name, targets)
+            baselines.train_oppu(cfg, run_dir, method, task.name, targets, resume=True)
         model, tok = baselines.load_oppu(cfg, run_dir, method)
     else:
         upto = {"stage2": "user", "proper": "done"}.get(method, "group")
