@@ -190,3 +190,29 @@ def test_an_interrupted_directory_swap_loses_nothing(run, tmp_path, monkeypatch)
     assert not (run_dir / "user").exists()            # the moment the old code lost everything
     assert "user" in stages_done(run_dir)              # repaired: the old directory is back
     assert (run_dir / "user" / "router.safetensors").read_bytes() == old
+
+
+def test_a_damaged_delete_intent_stops_the_run_until_that_user_is_deleted_again(run, tmp_path):
+    """An intent is written atomically, so an unreadable one was damaged later: its user may be partly deleted.
+    Training and serving refuse the run (naming the file) until a delete of the user whose id hashes to the
+    file's name finishes it; an unreadable intent is never silently dropped."""
+    from properlm import load_run
+    from properlm.errors import ProperError
+    from properlm.store.run import refuse_pending_forgets
+    from properlm.store.user_store import user_hash
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    victim = json.loads((d / "split.json").read_text())["target"][0]
+    assert _files_holding(d, victim)
+    intent = d / "forgetting" / f"{user_hash(victim)}.json"
+    intent.parent.mkdir(exist_ok=True)
+    intent.write_bytes(b'{"us')  # damaged after it was written
+    for attempt in (lambda: refuse_pending_forgets(d), lambda: load_run(d),
+                    lambda: forget_users(d, [NAMES[-1]])):  # another user's delete does not guess which one it was
+        with pytest.raises(ProperError, match="delete intent that cannot be read"):
+            attempt()
+    assert intent.exists()
+    forget_users(d, [victim])
+    assert not intent.exists() and _files_holding(d, victim) == []
+    refuse_pending_forgets(d)

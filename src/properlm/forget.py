@@ -50,11 +50,10 @@ def forget_users(run_dir: str | Path, user_ids: list[str]) -> dict[str, int]:
     run_dir = Path(run_dir)
     if not is_run(run_dir):
         raise ProperError(f"{run_dir}: not a properlm run directory (no config.yaml)")
-    ids = set(user_ids) | set(pending_forgets(run_dir))
+    ids = set(user_ids) | set(pending_forgets(run_dir, known=user_ids))
     intents = {u: run_dir / "forgetting" / f"{user_hash(u)}.json" for u in ids}
     for u, p in intents.items():
-        if not p.exists():
-            write_json(p, {"user": u})
+        write_json(p, {"user": u})  # (again: a damaged intent of a user named now is rewritten whole)
     removed: dict[str, int] = {}
 
     def count(what: str, n: int) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from properlm.model.population import merge_population
 from properlm.model.proper import ProperModel
 from properlm.run_config import RunConfig
 from properlm.store.cache import UserCache
-from properlm.store.user_store import UserStore
+from properlm.store.user_store import UserStore, user_hash
 
 STAGES = ("population", "group", "user")
 #: The run's own user banks (baselines add theirs under store/ too).
@@ -81,15 +82,29 @@ def deleted_stamp(run_dir: str | Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def pending_forgets(run_dir: str | Path) -> list[str]:
-    """Users whose ``users delete`` was interrupted (``RUN/forgetting/*.json``): it must be finished first."""
+def pending_forgets(run_dir: str | Path, known: Iterable[str] = ()) -> list[str]:
+    """Users whose ``users delete`` was interrupted (``RUN/forgetting/*.json``): it must be finished first.
+
+    An intent is written atomically, so one that cannot be read was damaged afterwards: the user it
+    names may be partly deleted, and nothing may be served or trained until that delete is finished.
+    Its file name is the sha256 of the user's id: a user among ``known`` (the ids being deleted now)
+    whose hash it is counts as pending; any other unreadable intent raises ``ProperError`` naming it.
+    """
     d = Path(run_dir) / "forgetting"
+    by_hash = {user_hash(u): u for u in known}
     out = []
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
         try:
-            out.append(read_json(p)["user"])
-        except (ProperError, KeyError):
-            p.unlink(missing_ok=True)  # an intent that was never completely written: nothing was deleted yet
+            user = read_json(p)["user"]
+            if not isinstance(user, str):
+                raise KeyError("user")
+        except (ProperError, KeyError, TypeError):
+            if p.stem not in by_hash:
+                raise ProperError(f"{p}: a delete intent that cannot be read (damaged): the user whose id hashes "
+                                  f"(sha256) to its name may be partly deleted; delete them again (properlm users "
+                                  f"delete --run {run_dir} --users ID), which finishes it and removes this file") from None
+            user = by_hash[p.stem]
+        out.append(user)
     return out
 
 
