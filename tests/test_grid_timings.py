@@ -36,6 +36,18 @@ def test_report_prints_the_timing_table_only_when_given_timings(tmp_path):
     assert "timings" not in report([grid / "main"], tmp_path / "rep2", figures=False)["tables"]
 
 
+def test_report_finds_a_grids_timings_beside_its_runs(tmp_path):
+    """``OUT/timings.json`` gives each run ``OUT/<variant>`` its entry; other runs and bad entries give none."""
+    from properlm.evaluate.report import grid_timings
+
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "timings.json").write_text(json.dumps({**_TIMES, "broken": {"user": "slow"}}))
+    assert grid_timings([grid / "main", grid / "broken", grid / "absent", {"methods": {}}]) == {"main": _TIMES["main"]}
+    assert grid_timings([grid / "text-router"]) == {"text-router": _TIMES["text-router"]}
+    assert grid_timings([tmp_path / "elsewhere" / "main"]) is None
+
+
 def test_seeds_report_gives_mean_times_and_each_seeds_wall_time(tmp_path):
     from properlm.evaluate.seeds import seeds_report
 
@@ -102,3 +114,9 @@ def test_a_killed_grid_resumes_without_retraining_and_keeps_the_first_calls_time
     # Resuming once more changes no time at all.
     run_experiments(out, cfg_path, only="experts-2", log=lambda m: None)
     assert json.loads((out / "timings.json").read_text()) == after
+    # `properlm report` on the grid's runs prints the same timing table as the grid's own report.
+    from properlm.cli import main
+
+    assert main(["report", str(out / "main"), str(out / "experts-2"), "--out", str(tmp_path / "rep"), "--no-figures"]) == 0
+    mine = json.loads((tmp_path / "rep" / "report.json").read_text())["tables"]["timings"]
+    assert mine == res["tables"]["timings"]

@@ -50,11 +50,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from properlm.errors import ConfigError
+from properlm.evaluate.report import TIMINGS  # OUT/timings.json: {variant: {stage: seconds}} (see timed)
 
 #: ``--decode`` choices (None: the default of :func:`variant_decodings`).
 DECODE_CHOICES = ("free", "labels", "both")
-#: The grid's wall times, ``OUT/timings.json``: ``{variant: {stage: seconds}}`` (see :func:`timed`).
-TIMINGS = "timings.json"
 
 #: name -> (config overrides, stages copied from the main run, methods evaluated)
 _FINAL = ("proper",)

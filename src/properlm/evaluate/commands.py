@@ -49,9 +49,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``properlm report RUN... --out DIR``: tables (Markdown, JSON, CSV) and figures."""
-    from properlm.evaluate.report import report
+    from properlm.evaluate.report import grid_timings, report
 
-    result = report(args.runs, args.out, figures=not args.no_figures)
+    result = report(args.runs, args.out, figures=not args.no_figures, timings=grid_timings(args.runs))
     print(f"wrote {len(result['files'])} files to {args.out} (start with {args.out}/report.md)")
     return 0
 

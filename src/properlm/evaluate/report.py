@@ -53,7 +53,7 @@ from properlm.evaluate.evaluate import load_results, write_csv
 from properlm.evaluate.metrics import HIGHER_IS_BETTER
 from properlm.evaluate.tables import (ROUTING_COLUMN, ablation_flags, build_tables, decoding_suffixes, main_runs,
                                       run_kind, timing_table)
-from properlm.io import write_json, write_text
+from properlm.io import read_json, write_json, write_text
 
 # --- writing --------------------------------------------------------------------------------------
 
@@ -187,6 +187,28 @@ def decoding_note(results: Sequence[dict]) -> str:
     if "expected" in kinds:
         parts.append("`@expected`: the expected rating under the labels' likelihoods")
     return "; ".join(parts) + "."
+
+
+#: Where ``properlm experiments`` records its wall times: ``OUT/timings.json``, ``{variant: {stage: seconds}}``.
+TIMINGS = "timings.json"
+
+
+def grid_timings(sources: Sequence[str | Path | dict]) -> dict[str, dict[str, float]] | None:
+    """The wall times a grid recorded for these runs: for each run directory ``OUT/<variant>``, the
+    ``<variant>`` entry of ``OUT/timings.json`` (None when no run has one), so that ``properlm report``
+    on a grid's runs prints the timing table the grid's own report has."""
+    found: dict[str, dict[str, float]] = {}
+    for src in sources:
+        if isinstance(src, dict):
+            continue
+        run = Path(src).resolve()
+        path = run.parent / TIMINGS
+        if not path.is_file():
+            continue
+        entry = read_json(path).get(run.name)
+        if isinstance(entry, dict) and entry and all(isinstance(v, (int, float)) for v in entry.values()):
+            found[run.name] = {k: float(v) for k, v in entry.items()}
+    return found or None
 
 
 def report(sources: Sequence[str | Path | dict], out_dir: str | Path, figures: bool = True,
