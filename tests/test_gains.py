@@ -97,3 +97,30 @@ def test_report_has_the_who_gains_table_and_figure(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| synth-cls | main | sparsest third | 2-5 | proper |"))
     assert line.endswith("| 4 | 12 | yes |")
     assert len(json.loads((tmp_path / "rep" / "report.json").read_text())["gains"]) == len(rows)
+
+
+def test_gains_pool_over_seeds_by_seed_and_user_pairs(tmp_path):
+    """Two seeds' main runs: each third pools both seeds' queries; the pairs are (seed, user), so the same
+    user ids in two seeds count twice; the seeds report prints the pooled table."""
+    from properlm.evaluate.gains import pooled_gain_rows
+    from properlm.evaluate.seeds import seeds_report
+
+    grids = {}
+    for s in (0, 1):
+        grids[s] = tmp_path / f"seed-{s}"
+        run = _grouped_run(grids[s])
+        report([run], grids[s] / "report", figures=False)
+    one = {(r["method"], r["group"]): r for r in gain_rows(load_results(grids[0] / "main"))}
+    rows = pooled_gain_rows([load_results(grids[s] / "main") for s in (0, 1)])
+    got = {(r["method"], r["group"]): r for r in rows}
+    assert got.keys() == one.keys()
+    for key, r in got.items():
+        assert r["users"] == 2 * one[key]["users"] and r["queries"] == 2 * one[key]["queries"]
+        assert r["gain"] == pytest.approx(one[key]["gain"])  # the seeds are alike: the same mean gain
+        assert r["run"] == "2 runs pooled"
+    assert got["proper", "sparsest third"]["gain"] == pytest.approx(2.5 / 3) and got["proper", "densest third"]["gain"] == 0
+    assert got["oppu-mlp", "middle third"]["beyond_noise"] and not got["oppu-mlp", "sparsest third"]["beyond_noise"]
+    res = seeds_report(grids, tmp_path / "report")
+    assert len(res["gains"]) == len(rows)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "over all seeds" in md and "| 2 runs pooled | sparsest third |" in md

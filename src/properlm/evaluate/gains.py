@@ -120,6 +120,44 @@ def gain_rows(result: dict, kind: str = "main", n: int = 10000) -> list[dict]:
     return rows
 
 
+def pooled_gain_rows(results: Sequence[dict], kind: str = "main", n: int = 10000) -> list[dict]:
+    """Gains over stage 1 pooled over several runs of one kind (a grid's seeds), rows of :data:`COLUMNS`.
+
+    Each run's users fall in their thirds by that run's history lengths; a group's rows
+    pool the group's queries over the runs, and the interval resamples (run, user) pairs
+    with all their queries (the same user in two runs is two pairs, as in the seeds
+    report's bootstrap). ``users`` counts the pairs; ``run`` says how many runs."""
+    pooled: dict[tuple[str, str, str], dict] = {}
+    task = None
+    for i, result in enumerate(results):
+        run = Path(result["run_dir"])
+        if not (run / "eval" / "golds.json").exists():
+            continue
+        task = task or result["task"]
+        history = history_lengths(result)
+        for method, base in gain_pairs(result["methods"]):
+            a, b, users, metric = aligned_users(run, method, base)
+            for group, members in _groups(history, kind):
+                keep = [j for j, u in enumerate(users) if members is None or u in members]
+                if not keep:
+                    continue
+                d = pooled.setdefault((method, base, group), {"a": [], "b": [], "pairs": [], "lengths": [],
+                                                              "metric": metric, "runs": 0})
+                d["a"].append(a[keep])
+                d["b"].append(b[keep])
+                d["pairs"] += [(i, users[j]) for j in keep]
+                d["lengths"] += [history[u] for u in {users[j] for j in keep} if u in history]
+                d["runs"] += 1
+    rows = []
+    for (method, base, group), d in pooled.items():
+        res = gain(np.concatenate(d["a"]), np.concatenate(d["b"]), d["pairs"], d["metric"], n)
+        rows.append({"task": task, "run": f"{d['runs']} runs pooled", "run_dir": "", "kind": kind, "group": group,
+                     "history": _span(d["lengths"]) if d["lengths"] else "", "method": method, "vs": base,
+                     "metric": d["metric"], "gain": res["diff"], "ci_low": res["ci95"][0], "ci_high": res["ci95"][1],
+                     "users": res["n_users"], "queries": res["n_queries"], "beyond_noise": res["ci95"][0] > 0})
+    return rows
+
+
 def markdown(rows: Sequence[dict]) -> str:
     """The gains as a GitHub Markdown table: gain, its 95% interval, users and queries per group."""
     lines = ["| task | run | group | history | method | metric | gain over stage 1 | 95% interval | users | "

@@ -13,7 +13,9 @@ bootstrap over all seeds' main runs together that resamples (seed, user)
 pairs, not queries: each pair is one cluster, drawn with all its queries (a
 user's queries in one seed share that seed's adapter; a seed changes the data
 draw of a synthetic task as well as the initialisations and the data order, so
-the same user id in two seeds is two clusters).
+the same user id in two seeds is two clusters). Who gains (evaluate/gains.py) is
+pooled likewise: each seed's targets in thirds by history length, each third's
+gain over stage 1 over all seeds with (seed, user) pairs resampled.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from typing import Mapping
 import numpy as np
 
 from properlm.errors import ProperError
+from properlm.evaluate.evaluate import load_results
+from properlm.evaluate.gains import TITLE as GAINS_TITLE
+from properlm.evaluate.gains import markdown as gains_markdown
+from properlm.evaluate.gains import pooled_gain_rows
 from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_head
 from properlm.evaluate.stats import aligned_users, cluster_bootstrap, judged
 from properlm.evaluate.tables import ROUTING_COLUMN
@@ -144,6 +150,7 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
     tables = combine_tables(per_seed)
     mains = [Path(d) / "main" for d in seed_dirs.values() if (Path(d) / "main" / "eval" / "golds.json").exists()]
     boot = pooled_rows(mains)
+    gains = pooled_gain_rows([load_results(m) for m in mains], kind="main")
     seeds = sorted(seed_dirs)
     md = ["# PROPER over seeds", "", f"Seeds: {', '.join(map(str, seeds))} (one grid each: "
           + ", ".join(f"`{seed_dirs[s]}`" for s in seeds) + "). Cells: mean ± sample standard deviation over "
@@ -164,8 +171,13 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
                f"| vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|"]
         md += [f"| {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
+    if gains:
+        md += [f"## {GAINS_TITLE}, over all seeds", "",
+               "Each seed's targets fall in thirds by that seed's history lengths; a row pools the third's queries "
+               "over the seeds' main runs, and its 95% interval resamples (seed, user) pairs (users: the pairs).", "",
+               gains_markdown(gains), ""]
     write_text(out / "report.md", "\n".join(md) + "\n")
     summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,
-               "bootstrap": boot, "wall_seconds": {str(s): w for s, w in walls.items()}}
+               "bootstrap": boot, "gains": gains, "wall_seconds": {str(s): w for s, w in walls.items()}}
     write_json(out / "report.json", summary)
     return {**summary, "files": [str(out / "report.md"), str(out / "report.json")]}
