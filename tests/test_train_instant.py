@@ -82,6 +82,41 @@ def test_instant_embeddings_route_new_users_to_their_group_without_a_gradient_st
     assert instant < fallback - 0.1, (instant, fallback)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_history_features_run_the_shared_prompt_start_once_with_the_same_features(stage2, tok, h, monkeypatch, bf16):
+    """The items' common first tokens (chat template, instruction) run once and every item continues from
+    their cache: the features equal those of running every item whole, for users of items of unequal
+    lengths, and the decoder sees only the items' own tokens after the shared ones."""
+    import properlm.train.instant as instant
+    from properlm.train.examples import encode
+
+    _, pm = stage2
+    history = h.make_examples({"tx": "love", "ty": "hate", "tz": "love"}, n=3)
+    history[1].prompt += " with a longer tail of words than the others"
+    enc = [encode(tok, e, 64) for e in history]
+    n = instant.shared_prefix(enc)
+    assert n >= instant.MIN_SHARED_TOKENS and all(e.ids[:n] == enc[0].ids[:n] for e in enc)
+    assert n <= min(sum(1 for lab in e.labels if lab == -100) for e in enc)  # within every prompt
+    seen = []
+    decoder = pm.lm.get_decoder()
+    real = decoder.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_ids"].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", spy)
+    shared = instant.history_features(pm, tok, history, 64, bf16=bf16)
+    assert seen[0] == n and max(seen[1:]) == max(len(e.ids) for e in enc) - n
+    monkeypatch.setattr(instant, "MIN_SHARED_TOKENS", 10 ** 6)  # every item whole
+    whole = instant.history_features(pm, tok, history, 64, bf16=bf16)
+    assert shared.keys() == whole.keys() == {"tx", "ty", "tz"}
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-4, atol=1e-5)  # bf16: rounding of other shapes
+    for u in whole:
+        assert shared[u].dtype == torch.float32
+        torch.testing.assert_close(shared[u], whole[u], **tol)
+
+
 def test_the_ridge_falls_back_to_the_mean_and_recovers_a_linear_map():
     """Too few users or features that do not vary: the mean embedding. A linear map with little noise:
     recovered, with a held-out error far below the mean's."""

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from properlm.errors import ProperError
 from properlm.model.device import autocast
 from properlm.model.proper import ProperModel
-from properlm.train.examples import Example, collate, encode
+from properlm.train.examples import Encoded, Example, collate, encode
 
 INSTANT_FILE, INSTANT_REPORT = "instant.safetensors", "instant.json"
 FORMAT = "properlm-instant-encoder"
@@ -100,6 +101,25 @@ class InstantEncoder:
         return cls(t["feat_mean"], t["feat_scale"], t["weight"], t["target_mean"], keys, json.loads(meta["report"]))
 
 
+#: Items whose prompts start with at least this many common tokens (the chat template, the task's
+#: instruction) run those tokens once and continue every item from their KV cache.
+MIN_SHARED_TOKENS = 8
+
+
+def shared_prefix(enc: list[Encoded]) -> int:
+    """How many first tokens every item has in common, within the shortest item's prompt."""
+    if len(enc) < 2:
+        return 0
+    n = min(sum(1 for lab in e.labels if lab == -100) for e in enc)   # prompt lengths (labels -100 on the prompt)
+    first = enc[0].ids
+    for e in enc[1:]:
+        k = 0
+        while k < n and e.ids[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
 @torch.no_grad()
 def history_features(pm: ProperModel, tok, examples: list[Example], max_len: int, bf16: bool = False,
                      batch_size: int = 16) -> dict[str, torch.Tensor]:
@@ -107,31 +127,75 @@ def history_features(pm: ProperModel, tok, examples: list[Example], max_len: int
 
     Rows carry no user, so the routers use the fallback embedding and, in a stage-3
     model, stage 2's routing: the same features from the stage-2 and the final model.
+    The first tokens all items share (:func:`shared_prefix`: the chat template and the
+    task's instruction) run once, and each item continues from their KV cache: a causal
+    model's states there do not depend on what follows, so the features are those of
+    running every item whole (up to float rounding), at the cost of the items' own tokens.
     """
     was_training = pm.training
     pm.eval()
     enc = sorted((encode(tok, e, max_len) for e in examples), key=lambda x: len(x.ids))
+    n_shared = shared_prefix(enc)
+    n_shared = n_shared if n_shared >= MIN_SHARED_TOKENS else 0
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     try:
+        prefix = _run_prefix(pm, enc[0].ids[:n_shared], bf16) if n_shared else None
         for s in range(0, len(enc), batch_size):
             chunk = enc[s:s + batch_size]
-            b = collate(chunk, tok.pad_token_id, pm.device)
-            mask = b["attention_mask"]
-            pm.bind(token_mask=mask, record=True)
-            with autocast(bf16, pm.device):
-                hidden = pm.hidden_states(b["input_ids"], mask).float()           # (B, T, H)
-            routes = [r.float() for r in pm.state.routes]                          # sites x (B, K)
-            answer = (b["labels"] != -100).float()
-            prompt = mask.float() * (1 - answer)
-            parts = [_pool(hidden, prompt), _pool(hidden, answer), *routes]
-            for e, row in zip(chunk, torch.cat(parts, dim=1).cpu()):
+            rows = _item_features(pm, tok, chunk, n_shared, prefix, bf16)
+            for e, row in zip(chunk, rows.cpu()):
                 sums[e.user_id] = sums[e.user_id] + row if e.user_id in sums else row.clone()
                 counts[e.user_id] = counts.get(e.user_id, 0) + 1
     finally:
         pm.state.clear()
         pm.train(was_training)
     return {u: sums[u] / counts[u] for u in sums}
+
+
+def _run_prefix(pm: ProperModel, ids: list[int], bf16: bool) -> tuple[DynamicCache, torch.Tensor, list[torch.Tensor]]:
+    """The shared tokens once: (their KV cache, their hidden states summed (H,), per site their routing
+    weights summed over them (K,))."""
+    x = torch.tensor([ids], dtype=torch.long, device=pm.device)
+    mask = torch.ones_like(x)
+    cache = DynamicCache()
+    pm.bind(token_mask=mask, record=True)
+    with autocast(bf16, pm.device):
+        hidden = pm.lm.get_decoder()(input_ids=x, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
+    n = len(ids)
+    return cache, hidden.float()[0].sum(0), [r.float()[0] * n for r in pm.state.routes]
+
+
+def _item_features(pm: ProperModel, tok, chunk: list[Encoded], n_shared: int, prefix, bf16: bool) -> torch.Tensor:
+    """(B, F) features of a batch of items: their prompt's and their answer's mean hidden state and every
+    site's mean routing weights over the item's tokens, the shared first ``n_shared`` (run once: ``prefix``)
+    included."""
+    b = collate([Encoded(e.user_id, e.ids[n_shared:], e.labels[n_shared:]) for e in chunk], tok.pad_token_id,
+                pm.device)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    pm.bind(token_mask=mask, record=True)
+    if prefix is None:
+        with autocast(bf16, pm.device):
+            hidden = pm.hidden_states(ids, mask).float()                                  # (B, T, H)
+    else:
+        n, t = len(chunk), ids.shape[1]
+        cache = DynamicCache([(layer.keys.expand(n, -1, -1, -1).contiguous(),
+                               layer.values.expand(n, -1, -1, -1).contiguous()) for layer in prefix[0].layers])
+        full = torch.cat([torch.ones(n, n_shared, dtype=mask.dtype, device=mask.device), mask], 1)
+        pos = (n_shared + torch.arange(t, device=ids.device)).unsqueeze(0).expand(n, -1)
+        with autocast(bf16, pm.device):
+            hidden = pm.lm.get_decoder()(input_ids=ids, attention_mask=full, position_ids=pos, cache=cache,
+                                         use_cache=True).last_hidden_state.float()
+    routes = [r.float() for r in pm.state.routes]                                          # sites x (B, K)
+    answer = (b["labels"] != -100).float()
+    prompt = mask.float() * (1 - answer)
+    if prefix is None:
+        return torch.cat([_pool(hidden, prompt), _pool(hidden, answer), *routes], dim=1)
+    _, h_sum, r_sums = prefix
+    n_own = mask.float().sum(1, keepdim=True)                                              # (B, 1) own tokens
+    prompt_pool = (h_sum + (hidden * prompt.unsqueeze(-1)).sum(1)) / (n_shared + prompt.sum(1, keepdim=True))
+    routes = [(rs + r * n_own) / (n_shared + n_own) for rs, r in zip(r_sums, routes)]
+    return torch.cat([prompt_pool, _pool(hidden, answer), *routes], dim=1)
 
 
 def _pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
