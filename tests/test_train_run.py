@@ -424,3 +424,28 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(reference, h, t
     assert "user.lr (saved 0.01, given 0.5)" in err and "group.num_experts" in err and "progress" not in err
     assert (tmp_path / "run" / "config.yaml").read_text() == saved
     assert main(["train", "--all", "--out", str(tmp_path / "run"), "--resume", "progress=false"]) == 0
+
+
+def test_a_later_stage_uses_the_runs_own_config_and_refuses_changes_to_trained_ones(tmp_path, capsys):
+    """``train --stage user`` on a run trained up to stage 2 takes the run's config (no --config needed),
+    with overrides of its own stage's settings; a setting of a trained stage or of the data is refused,
+    naming it, and the saved config stays as it was."""
+    import yaml
+
+    from properlm.cli import main
+
+    run = tmp_path / "run"
+    common = ["base_model=tiny-random", "progress=false", "data.synth_users=8", "data.n_targets=2",
+              "population.max_steps=2", "group.max_steps=2", "user.max_steps=2"]
+    assert main(["train", "--stage", "population", "--out", str(run), *common]) == 0
+    assert main(["train", "--stage", "group", "--out", str(run)]) == 0   # the run's own data and sizes
+    saved = (run / "config.yaml").read_text()
+    for bad in (["data.synth_users=9"], ["group.num_experts=7"], ["base_model=smollm2"]):
+        assert main(["train", "--stage", "user", "--out", str(run), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert bad[0].split("=")[0] + " (saved" in err and "\n" not in err
+        assert (run / "config.yaml").read_text() == saved and not (run / "user").exists()
+    assert main(["train", "--stage", "user", "--out", str(run), "user.lr=0.02"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["user"]["lr"] == 0.02 and cfg["data"]["synth_users"] == 8 and cfg["group"]["max_steps"] == 2
+    assert (run / "user" / "router.safetensors").exists()

@@ -19,8 +19,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch(args.processes)
     run_dir = Path(args.out)
     config = args.config
-    if config is None and args.resume and (run_dir / "config.yaml").exists():
-        config = run_dir / "config.yaml"  # resuming: the run's own config
+    if config is None and (run_dir / "config.yaml").exists():
+        config = run_dir / "config.yaml"  # resuming, or the next stage of a run: the run's own config
     cfg = load_config(RunConfig, config, args.overrides)
     if not args.all and args.stage is None:
         raise ProperError("say which stage to train: --stage population|group|user, or --all")
@@ -63,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--stage", choices=("population", "group", "user"), help="train this stage (earlier ones must exist)")
     g.add_argument("--all", action="store_true", help="train the three stages in order")
-    p.add_argument("--config", default=None, help="YAML config (see configs/); default: built-in defaults")
+    p.add_argument("--config", default=None,
+                   help="YAML config (see configs/); default: the run's own config.yaml when --out is an existing run "
+                        "(a later stage, --resume), else built-in defaults")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--processes", type=int, default=1, metavar="N",

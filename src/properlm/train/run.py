@@ -106,6 +106,21 @@ def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
                           f"resume with the saved config (no --config, no overrides of these) or train into a new --out")
 
 
+def check_new_stage_config(cfg: RunConfig, run_dir: Path, stages) -> None:
+    """Refuse to train ``stages`` into an existing run with settings that change what it already holds:
+    only the sections of the stages trained now (``user.*`` for stage 3) may differ from the saved config."""
+    from properlm.store.run import read_config
+
+    own = tuple(f"{s}." for s in stages)
+    diff = [d for d in config_differences(read_config(run_dir), cfg) if not d[0].startswith(own)]
+    if diff:
+        shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:6])
+        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+        raise ProperError(f"{run_dir}: training stage {', '.join(stages)} with settings that differ from what the run "
+                          f"was trained with: {shown}{more}; leave --config out (the run's own config is used) and "
+                          f"override only {', '.join(k + '*' for k in own)}, or train into a new --out")
+
+
 def write_manifest(run_dir: Path, cfg: RunConfig) -> None:
     files = {k: v for k, v in FILES.items() if (run_dir / k).exists()}
     write_json(run_dir / "manifest.json", {"properlm_run": 1, "base_model": cfg.base_model,
@@ -130,6 +145,8 @@ def train(cfg: RunConfig, run_dir: str | Path, stages: list[str] | tuple[str, ..
             raise ProperError(f"{run_dir}: stage {done[0]} is already trained there; pass --resume to continue or choose a new --out")
     if resume and (run_dir / "config.yaml").exists():
         check_resume_config(cfg, run_dir)
+    elif (run_dir / "config.yaml").exists() and (run_dir / "split.json").exists():  # a run with data of its own
+        check_new_stage_config(cfg, run_dir, stages)
     refuse_pending_forgets(run_dir)
     main = D.is_main()  # several processes: rank 0 writes the run's own files
     run_dir.mkdir(parents=True, exist_ok=True)
