@@ -38,10 +38,15 @@ def _grouped_run(tmp_path, name="main", data=None):
                           task="synth-cls", data=data)
 
 
-def test_terciles_keep_equal_histories_together():
+def test_terciles_keep_equal_histories_together(tmp_path):
     assert terciles({f"u{i}": h for i, h in enumerate([1, 2, 3, 4, 5, 6])}) == [
         ("sparsest third", ["u0", "u1"]), ("middle third", ["u2", "u3"]), ("densest third", ["u4", "u5"])]
     assert terciles({"a": 1, "b": 1, "c": 1, "d": 5}) == [("sparsest third", ["a", "b", "c"]), ("densest third", ["d"])]
+    assert terciles({"a": 95, "b": 95, "c": 95}) == []  # one length for all: no thirds to compare
+    rows = gain_rows(load_results(write_eval_run(
+        tmp_path, "flat", {u: (95, g) for u, (_, g) in _users().items()},
+        {"stage1": _answers(_users(), lambda i: 1), "proper": _answers(_users(), lambda i: 0)}, task="synth-cls")))
+    assert [r["group"] for r in rows] == ["all targets"]
 
 
 def test_gain_pairs_compare_each_decoding_with_stage_1_decoded_alike():

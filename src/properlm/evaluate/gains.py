@@ -64,13 +64,15 @@ def terciles(history: dict[str, int]) -> list[tuple[str, list[str]]]:
 
     A user's third is set by how many users have a strictly shorter history, so
     users of equal length always share a third (the thirds may then be uneven,
-    and an empty one is left out).
+    and an empty one is left out). When that leaves a single group (every user
+    has the same length), there are no thirds to compare: the list is empty.
     """
     ids = sorted(history, key=lambda u: (history[u], u))
     lengths = np.array([history[u] for u in ids])
     third = np.minimum(3 * np.searchsorted(lengths, lengths, side="left") // max(len(ids), 1), 2)
     groups = [(name, [u for u, t in zip(ids, third) if t == k]) for k, name in enumerate(TERCILES)]
-    return [(name, members) for name, members in groups if members]
+    groups = [(name, members) for name, members in groups if members]
+    return groups if len(groups) > 1 else []
 
 
 def _span(lengths: Sequence[int]) -> str:
