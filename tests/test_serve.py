@@ -310,6 +310,7 @@ def test_onboarding_over_http_until_served_personalized(server):
             break
         time.sleep(0.3)
     assert state["state"] == "done" and state["progress"]["step"] > 0
+    assert state["progress"]["phase"] == "adapter"  # the last steps counted were the LoRA's
     raw = server.client(key=key).completions.with_raw_response.create(model="newcomer-1", prompt="hi", max_tokens=2)
     assert raw.headers["x-properlm-model"] == "user-lora"
     assert "newcomer-1" in [m.id for m in server.client().models.list().data]

@@ -99,9 +99,13 @@ def test_add_users_under_instant_routing_uses_the_encoder_then_trains_the_lora(i
         return original(cfg, run_dir, pm, tok, examples, **kw)
 
     monkeypatch.setattr(users, "train_users", spy)
-    assert add_users(run, [new]) == [new]
-    assert seen == [True]
+    phases = []
+    assert add_users(run, [new], on_phase=phases.append) == [new]
+    assert seen == [True] and phases == ["embedding", "adapter"]
     assert load_run(run).model_for(new) == "user-lora"
+    phases.clear()
+    assert add_users(run, [new], on_phase=phases.append) == [new]  # a refresh keeps the embedding
+    assert phases == ["adapter"]
 
 
 def test_instant_fit_into_a_fit_run_and_compare_the_routings(tmp_path, capsys):

@@ -233,7 +233,7 @@ class Jobs:
         names the upload, is written first: forgetting the user finds the upload through it."""
         jid = uuid.uuid4().hex
         job = {"id": jid, "user": user, "state": QUEUED, "refresh": refresh, "records": len(examples),
-               "upload": f"{jid}.jsonl", "progress": {"step": 0, "steps": None},
+               "upload": f"{jid}.jsonl", "progress": {"phase": None, "step": 0, "steps": None},
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self._save(job)
         write_text(self.upload_path(job), body.decode("utf-8"))
@@ -290,13 +290,21 @@ class Jobs:
             self._save(job)
             last = [0.0]
 
+            phase = ["adapter"]
+
             def on_step(step: int, steps: int) -> bool:
                 now = time.monotonic()
                 if now - last[0] > 1.0:  # the record is rewritten at most once a second
                     last[0] = now
-                    job["progress"] = {"step": step, "steps": steps}
+                    job["progress"] = {"phase": phase[0], "step": step, "steps": steps}
                     self._save(job)
                 return ev.is_set()
+
+            def on_phase(name: str) -> None:  # whose steps on_step counts: the embedding fit's, then the LoRA's
+                phase[0] = name
+                job["progress"] = {"phase": name, "step": 0, "steps": None}
+                last[0] = 0.0
+                self._save(job)
 
             try:
                 user = job["user"]
@@ -311,7 +319,7 @@ class Jobs:
                     self._save(job)
 
                 add_users(self.run_dir, [user], examples=examples, resume=bool(job.get("resume")), on_step=on_step,
-                          progress=False, on_group=on_group)
+                          progress=False, on_group=on_group, on_phase=on_phase)
                 job["state"], job["progress"]["step"] = DONE, job["progress"].get("steps") or 0
                 self.on_done(user)
             except Cancelled:

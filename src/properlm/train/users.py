@@ -67,7 +67,8 @@ def history_examples(run_dir: str | Path, user_ids: list[str], data: str | Path 
 def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None = None,
               examples: list[Example] | None = None, resume: bool = False,
               on_step: Callable[[int, int], bool] | None = None, progress: bool | None = None,
-              on_group: Callable[[], None] | None = None) -> list[str]:
+              on_group: Callable[[], None] | None = None,
+              on_phase: Callable[[str], None] | None = None) -> list[str]:
     """Train (or refresh) the LoRAs of ``user_ids`` in a finished run; returns the ids trained.
 
     A new user's id must follow :func:`properlm.user_ids.check_user_id` (users already in the run
@@ -87,6 +88,9 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
             turn them off: a bar is named after the add, which is derived from the user's id.
         on_group: called once the new users' stage-2 embeddings are in the store (fitted or
             instant), before their LoRAs train: from then on they are answered by their group.
+        on_phase: called with ``"embedding"`` before new users get their stage-2 embedding (the
+            fit's steps follow) and ``"adapter"`` before the LoRAs train (their steps follow), so
+            that a caller can tell whose ``on_step`` counts it sees.
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -113,6 +117,8 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
     try:
         new = [u for u in user_ids if u not in pm.user_embs] if pm.user_embs is not None else []
         mine = [e for e in examples if e.user_id in set(new)]
+        if on_phase is not None and new and cfg.group.unseen != "mean":
+            on_phase("embedding")
         if new and cfg.group.unseen == "fit":
             # A user without a stage-2 embedding first gets one fitted on their history (their group),
             # against the final model with their LoRA absent (stage 2's routing); a refreshed user keeps theirs.
@@ -124,6 +130,8 @@ def add_users(run_dir: str | Path, user_ids: list[str], data: str | Path | None 
             pm.user_embs.evict(u)
         if on_group is not None and new and cfg.group.unseen != "mean":
             on_group()
+        if on_phase is not None:
+            on_phase("adapter")
         train_users(cfg, run_dir, pm, tok, examples, train_router=False, stage=stage, from_store=True, resume=resume,
                     on_step=on_step)
     except Cancelled:
