@@ -26,7 +26,7 @@ and queries it rests on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -92,6 +92,33 @@ def gain(a: np.ndarray, b: np.ndarray, users: Sequence[str], metric: str, n: int
     return cluster_bootstrap(a, b, users, n=n) if higher_is_better(metric) else cluster_bootstrap(b, a, users, n=n)
 
 
+def _group_values(result: dict, kind: str) -> Iterator[tuple]:
+    """Per (method, its baseline) and user group of one evaluated run: ``(method, base, metric, group,
+    a, b, users, lengths)``, the group's per-query values of both, each query's user, and the group's
+    history lengths (nothing when the run's predictions are not on disk)."""
+    run = Path(result["run_dir"])
+    if not (run / "eval" / "golds.json").exists():
+        return
+    history = history_lengths(result)
+    for method, base in gain_pairs(result["methods"]):
+        a, b, users, metric = aligned_users(run, method, base)
+        for group, members in _groups(history, kind):
+            keep = [i for i, u in enumerate(users) if members is None or u in members]
+            if keep:
+                mine = [users[i] for i in keep]
+                lengths = [history[u] for u in set(mine) if u in history]
+                yield method, base, metric, group, a[keep], b[keep], mine, lengths
+
+
+def _row(task: str, run: str, run_dir: str, kind: str, group: str, lengths: list[int], method: str, base: str,
+         metric: str, res: dict) -> dict:
+    """One row of :data:`COLUMNS` from a group's bootstrap result."""
+    return {"task": task, "run": run, "run_dir": run_dir, "kind": kind, "group": group,
+            "history": _span(lengths) if lengths else "", "method": method, "vs": base, "metric": metric,
+            "gain": res["diff"], "ci_low": res["ci95"][0], "ci_high": res["ci95"][1],
+            "users": res["n_users"], "queries": res["n_queries"], "beyond_noise": res["ci95"][0] > 0}
+
+
 def gain_rows(result: dict, kind: str = "main", n: int = 10000) -> list[dict]:
     """One run's gains over stage 1 per method and user group (rows of :data:`COLUMNS`).
 
@@ -102,24 +129,9 @@ def gain_rows(result: dict, kind: str = "main", n: int = 10000) -> list[dict]:
         n: bootstrap resamples.
     """
     run = Path(result["run_dir"])
-    if not (run / "eval" / "golds.json").exists():
-        return []
-    history = history_lengths(result)
-    rows = []
-    for method, base in gain_pairs(result["methods"]):
-        a, b, users, metric = aligned_users(run, method, base)
-        for group, members in _groups(history, kind):
-            keep = [i for i, u in enumerate(users) if members is None or u in members]
-            if not keep:
-                continue
-            res = gain(a[keep], b[keep], [users[i] for i in keep], metric, n)
-            spans = [history[u] for u in {users[i] for i in keep} if u in history]
-            rows.append({"task": result["task"], "run": run.name, "run_dir": str(run), "kind": kind,
-                         "group": group, "history": _span(spans) if spans else "", "method": method, "vs": base,
-                         "metric": metric,
-                         "gain": res["diff"], "ci_low": res["ci95"][0], "ci_high": res["ci95"][1],
-                         "users": res["n_users"], "queries": res["n_queries"], "beyond_noise": res["ci95"][0] > 0})
-    return rows
+    return [_row(result["task"], run.name, str(run), kind, group, lengths, method, base, metric,
+                 gain(a, b, users, metric, n))
+            for method, base, metric, group, a, b, users, lengths in _group_values(result, kind)]
 
 
 def pooled_gain_rows(results: Sequence[dict], kind: str = "main", n: int = 10000) -> list[dict]:
@@ -132,32 +144,18 @@ def pooled_gain_rows(results: Sequence[dict], kind: str = "main", n: int = 10000
     pooled: dict[tuple[str, str, str], dict] = {}
     task = None
     for i, result in enumerate(results):
-        run = Path(result["run_dir"])
-        if not (run / "eval" / "golds.json").exists():
-            continue
-        task = task or result["task"]
-        history = history_lengths(result)
-        for method, base in gain_pairs(result["methods"]):
-            a, b, users, metric = aligned_users(run, method, base)
-            for group, members in _groups(history, kind):
-                keep = [j for j, u in enumerate(users) if members is None or u in members]
-                if not keep:
-                    continue
-                d = pooled.setdefault((method, base, group), {"a": [], "b": [], "pairs": [], "lengths": [],
-                                                              "metric": metric, "runs": 0})
-                d["a"].append(a[keep])
-                d["b"].append(b[keep])
-                d["pairs"] += [(i, users[j]) for j in keep]
-                d["lengths"] += [history[u] for u in {users[j] for j in keep} if u in history]
-                d["runs"] += 1
-    rows = []
-    for (method, base, group), d in pooled.items():
-        res = gain(np.concatenate(d["a"]), np.concatenate(d["b"]), d["pairs"], d["metric"], n)
-        rows.append({"task": task, "run": f"{d['runs']} runs pooled", "run_dir": "", "kind": kind, "group": group,
-                     "history": _span(d["lengths"]) if d["lengths"] else "", "method": method, "vs": base,
-                     "metric": d["metric"], "gain": res["diff"], "ci_low": res["ci95"][0], "ci_high": res["ci95"][1],
-                     "users": res["n_users"], "queries": res["n_queries"], "beyond_noise": res["ci95"][0] > 0})
-    return rows
+        for method, base, metric, group, a, b, users, lengths in _group_values(result, kind):
+            task = task or result["task"]
+            d = pooled.setdefault((method, base, group), {"a": [], "b": [], "pairs": [], "lengths": [],
+                                                          "metric": metric, "runs": 0})
+            d["a"].append(a)
+            d["b"].append(b)
+            d["pairs"] += [(i, u) for u in users]
+            d["lengths"] += lengths
+            d["runs"] += 1
+    return [_row(task, f"{d['runs']} runs pooled", "", kind, group, d["lengths"], method, base, d["metric"],
+                 gain(np.concatenate(d["a"]), np.concatenate(d["b"]), d["pairs"], d["metric"], n))
+            for (method, base, group), d in pooled.items()]
 
 
 def markdown(rows: Sequence[dict]) -> str:

@@ -38,8 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.evaluate import (EXPECTED_SUFFIX, LABEL_SUFFIX, MAX_NEW_TOKENS, _generate, _history_lengths, _label_decode,
-                                        evaluate_run, lamp_predictions, load_targets, query_owners,
+from properlm.evaluate.evaluate import (EXPECTED_SUFFIX, LABEL_SUFFIX, MAX_NEW_TOKENS, _generate, _history_lengths,
+                                        _label_decode, evaluate_run, lamp_predictions, load_targets, query_owners,
                                         score_predictions, write_csv)
 from properlm.evaluate.metrics import per_example_scores
 from properlm.evaluate.stats import PER_QUERY, cluster_bootstrap

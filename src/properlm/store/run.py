@@ -102,7 +102,8 @@ def pending_forgets(run_dir: str | Path, known: Iterable[str] = ()) -> list[str]
             if p.stem not in by_hash:
                 raise ProperError(f"{p}: a delete intent that cannot be read (damaged): the user whose id hashes "
                                   f"(sha256) to its name may be partly deleted; delete them again (properlm users "
-                                  f"delete --run {run_dir} --users ID), which finishes it and removes this file") from None
+                                  f"delete --run {run_dir} --users ID), which finishes it and removes this file"
+                                  ) from None
             user = by_hash[p.stem]
         out.append(user)
     return out
