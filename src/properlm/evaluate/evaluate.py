@@ -51,6 +51,7 @@ from properlm.data.tasks import Task, get_task
 from properlm.errors import ProperError
 from properlm.evaluate import baselines
 from properlm.evaluate.metrics import score
+from properlm.evaluate.references import REFERENCES, reference_predictions, references_for, user_bm25_predictions
 from properlm.evaluate.retrieval import pag_prompt, rag_prompt
 from properlm.io import read_json, write_json, write_text
 from properlm.run_config import RunConfig
@@ -58,7 +59,7 @@ from properlm.run_config import RunConfig
 METHODS = ("stage1", "stage2", "proper", "rag", "pag", "oppu-kv", "oppu-mlp")
 #: No model (evaluate/references.py): the user's and the item's mean rating (rating tasks only), and the
 #: user's closest past answer by BM25 (any task).
-REFERENCE_METHODS = ("user-mean", "item-mean", "user-bm25")
+REFERENCE_METHODS = REFERENCES
 ALIASES = {"stage3": "proper", "non-personalized": "stage1", "oppu_kv": "oppu-kv", "oppu_mlp": "oppu-mlp"}
 #: Answer length by task kind (OPPU decodes up to 200 tokens; labels and scores need a few).
 MAX_NEW_TOKENS = {"classification": 16, "rating": 8, "generation": 64}
@@ -74,6 +75,8 @@ DECODES = ("free", "labels")
 #: ``proper@labels-norm`` (highest mean log-likelihood per token: length-normalised); for ratings also
 #: ``proper@expected`` (the expected rating under the labels' likelihoods).
 LABEL_SUFFIX, NORM_SUFFIX, EXPECTED_SUFFIX = "@labels", "@labels-norm", "@expected"
+#: Each label decoding's suffix, by its name in the files' settings.
+SUFFIXES = {"labels": LABEL_SUFFIX, "labels-norm": NORM_SUFFIX, "expected": EXPECTED_SUFFIX}
 
 
 def canonical_method(name: str) -> str:
@@ -86,7 +89,7 @@ def canonical_method(name: str) -> str:
 
 def decoding_of(method: str) -> str:
     """How a filed method was decoded: ``free``, ``labels``, ``labels-norm`` or ``expected``."""
-    for suffix, how in ((LABEL_SUFFIX, "labels"), (NORM_SUFFIX, "labels-norm"), (EXPECTED_SUFFIX, "expected")):
+    for how, suffix in SUFFIXES.items():
         if method.endswith(suffix):
             return how
     return "free"
@@ -307,8 +310,6 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     cfg, task, targets = load_targets(run_dir)
     if decode == "labels" and not task.labels:
         raise ProperError(f"--decode labels needs a task with a label set; {task.name} is a {task.kind} task")
-    from properlm.evaluate.references import references_for
-
     default = METHODS + references_for(task.kind)
     methods = list(dict.fromkeys(canonical_method(m) for m in (methods or default)))
     gold_qs = [q for u in targets for q in u.queries if q.gold is not None]
@@ -320,7 +321,6 @@ def evaluate_run(run_dir: str | Path, methods: Sequence[str] | None = None, samp
     result = {"run_dir": str(run_dir), "task": task.name, "lamp_id": task.lamp_id, "config": to_dict(cfg), "methods": {}}
     for method in methods:
         if method in REFERENCE_METHODS:
-            from properlm.evaluate.references import reference_predictions, user_bm25_predictions
             from properlm.train.run import load_data
 
             try:

@@ -38,9 +38,9 @@ from typing import Sequence
 import numpy as np
 
 from properlm.errors import ProperError
-from properlm.evaluate.evaluate import (EXPECTED_SUFFIX, LABEL_SUFFIX, MAX_NEW_TOKENS, _generate, _history_lengths,
-                                        _label_decode, evaluate_run, lamp_predictions, load_targets, query_owners,
-                                        score_predictions, write_csv)
+from properlm.evaluate.evaluate import (MAX_NEW_TOKENS, SUFFIXES, _generate, _history_lengths, _label_decode,
+                                        evaluate_run, lamp_predictions, load_targets, query_owners, score_predictions,
+                                        write_csv)
 from properlm.evaluate.metrics import per_example_scores
 from properlm.evaluate.stats import PER_QUERY, cluster_bootstrap
 from properlm.io import read_json, write_json
@@ -48,7 +48,7 @@ from properlm.io import read_json, write_json
 ROUTINGS = ("mean", "instant", "fit", "proper")
 #: free generation; the best label by summed likelihood; the expected rating under the labels' likelihoods.
 DECODES = ("free", "labels", "expected")
-_SUFFIX = {"free": "", "labels": LABEL_SUFFIX, "expected": EXPECTED_SUFFIX}
+_SUFFIX = {"free": "", "labels": SUFFIXES["labels"], "expected": SUFFIXES["expected"]}
 RESULT = "unseen.json"
 
 

@@ -189,12 +189,13 @@ def _item_features(pm: ProperModel, tok, chunk: list[Encoded], n_shared: int, pr
     routes = [r.float() for r in pm.state.routes]                                          # sites x (B, K)
     answer = (b["labels"] != -100).float()
     prompt = mask.float() * (1 - answer)
-    if prefix is None:
-        return torch.cat([_pool(hidden, prompt), _pool(hidden, answer), *routes], dim=1)
-    _, h_sum, r_sums = prefix
-    n_own = mask.float().sum(1, keepdim=True)                                              # (B, 1) own tokens
-    prompt_pool = (h_sum + (hidden * prompt.unsqueeze(-1)).sum(1)) / (n_shared + prompt.sum(1, keepdim=True))
-    routes = [(rs + r * n_own) / (n_shared + n_own) for rs, r in zip(r_sums, routes)]
+    if prefix is not None:  # the means also cover the shared tokens, whose sums the prefix holds
+        _, h_sum, r_sums = prefix
+        n_own = mask.float().sum(1, keepdim=True)                                          # (B, 1) own tokens
+        prompt_pool = (h_sum + (hidden * prompt.unsqueeze(-1)).sum(1)) / (n_shared + prompt.sum(1, keepdim=True))
+        routes = [(rs + r * n_own) / (n_shared + n_own) for rs, r in zip(r_sums, routes)]
+    else:
+        prompt_pool = _pool(hidden, prompt)
     return torch.cat([prompt_pool, _pool(hidden, answer), *routes], dim=1)
 
 

@@ -100,10 +100,15 @@ def check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
 
     diff = config_differences(read_config(run_dir), cfg)
     if diff:
-        shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:6])
-        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        raise ProperError(f"{run_dir}: --resume with settings that differ from the run's saved config: {shown}{more}; "
-                          f"resume with the saved config (no --config, no overrides of these) or train into a new --out")
+        raise ProperError(f"{run_dir}: --resume with settings that differ from the run's saved config: "
+                          f"{_shown(diff)}; resume with the saved config (no --config, no overrides of these) or "
+                          f"train into a new --out")
+
+
+def _shown(diff: list[tuple[str, object, object]]) -> str:
+    """The first differences of :func:`config_differences`, for an error message."""
+    more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
+    return ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:6]) + more
 
 
 def check_new_stage_config(cfg: RunConfig, run_dir: Path, stages) -> None:
@@ -114,10 +119,8 @@ def check_new_stage_config(cfg: RunConfig, run_dir: Path, stages) -> None:
     own = tuple(f"{s}." for s in stages)
     diff = [d for d in config_differences(read_config(run_dir), cfg) if not d[0].startswith(own)]
     if diff:
-        shown = ", ".join(f"{k} (saved {a!r}, given {b!r})" for k, a, b in diff[:6])
-        more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ProperError(f"{run_dir}: training stage {', '.join(stages)} with settings that differ from what the run "
-                          f"was trained with: {shown}{more}; leave --config out (the run's own config is used) and "
+                          f"was trained with: {_shown(diff)}; leave --config out (the run's own config is used) and "
                           f"override only {', '.join(k + '*' for k in own)}, or train into a new --out")
 
 
