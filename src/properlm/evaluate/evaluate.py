@@ -30,7 +30,7 @@ top-p 0.9, top-k 10). Files written::
     RUN/eval/golds.json                 the target queries' golds, LaMP's gold layout
     RUN/eval/<method>/predictions.json  {"task": "LaMP_3", "golds": [{"id", "output"}]}
     RUN/eval/<method>/scores.json       metrics over all target queries, settings, timing
-    RUN/eval/<method>/per_user.csv      user_id, history_len, n_queries, metrics (also .json)
+    RUN/eval/<method>/per_user.csv      user_id, history_len (items trained on), n_queries, metrics (also .json)
     RUN/eval/summary.json               every evaluated method's metrics (updated in place)
 
 :func:`score_prediction_file` files predictions made elsewhere (LaMP's layout,
@@ -116,7 +116,7 @@ def score_predictions(task: Task | str, users: Sequence[User], predictions: dict
         users: the evaluated users; their queries with a gold are scored.
         predictions: query id -> predicted output.
         history_lengths: user id -> history length to report (default: ``len(user.history)``;
-            a run with ``data.max_history`` reports the users' full lengths).
+            :func:`load_targets` gives the lengths the users trained on, after ``data.max_history``).
 
     Returns:
         ``(metrics, per_user)``: metrics over all scored queries (e.g.
@@ -169,8 +169,10 @@ def query_owners(users: Sequence[User]) -> dict[str, str]:
 def load_targets(run_dir: str | Path) -> tuple[RunConfig, Task, list[User]]:
     """The run's config, task and target users (with their history and queries).
 
-    Histories are cut to the latest ``data.max_history`` items as in training;
-    each user's full length is kept in ``user.meta["history_len"]``.
+    Histories are cut to the latest ``data.max_history`` items as in training,
+    and ``user.meta["history_len"]`` is that cut length: the items the user's
+    adapters trained on, which is what "sparse" means in who gains (a cap of 12
+    leaves a user with 95 commits as dense as one with 12).
     """
     from properlm.store.run import read_split
     from properlm.train.run import load_data
@@ -188,9 +190,9 @@ def load_targets(run_dir: str | Path) -> tuple[RunConfig, Task, list[User]]:
     targets = [by_id[uid] for uid in split["target"]]
     keep = getattr(cfg.data, "max_history", None)
     for u in targets:
-        u.meta["history_len"] = str(len(u.history))
         if keep is not None:
             u.history = u.history[-keep:]
+        u.meta["history_len"] = str(len(u.history))
     return cfg, get_task(ds.task), targets
 
 
