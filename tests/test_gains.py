@@ -129,3 +129,8 @@ def test_gains_pool_over_seeds_by_seed_and_user_pairs(tmp_path):
     assert len(res["gains"]) == len(rows)
     md = (tmp_path / "report" / "report.md").read_text()
     assert "over all seeds" in md and "| 2 runs pooled | sparsest third |" in md
+    png = tmp_path / "report" / "gains_by_history.png"
+    assert str(png) in res["files"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![gains_by_history](gains_by_history.png)" in md
+    seeds_report(grids, tmp_path / "bare", figures=False)
+    assert not (tmp_path / "bare" / "gains_by_history.png").exists()

@@ -29,6 +29,7 @@ import numpy as np
 from properlm.errors import ProperError
 from properlm.evaluate.evaluate import load_results
 from properlm.evaluate.gains import TITLE as GAINS_TITLE
+from properlm.evaluate.gains import figure_rows
 from properlm.evaluate.gains import markdown as gains_markdown
 from properlm.evaluate.gains import pooled_gain_rows
 from properlm.evaluate.report import BOOTSTRAP_HEAD, bootstrap_cells, markdown_head
@@ -139,10 +140,12 @@ def seed_wall_times(per_seed: Mapping[int, Mapping[str, dict]]) -> dict[int, flo
     return out
 
 
-def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> dict:
+def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path, figures: bool = True) -> dict:
     """Combine the seeds' grids (each with ``report/report.json`` and a ``main`` run) into ``out_dir``.
 
-    Returns ``{"seeds", "tables", "bootstrap", "files"}``; writes ``report.md`` and ``report.json``.
+    Returns ``{"seeds", "tables", "bootstrap", "gains", "files"}``; writes ``report.md``,
+    ``report.json`` and, with ``figures`` and gains to show, ``gains_by_history.png`` (the
+    pooled who-gains rows, drawn as :func:`properlm.evaluate.figures.plot_gains` draws a run's).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,13 +174,22 @@ def seeds_report(seed_dirs: Mapping[int, str | Path], out_dir: str | Path) -> di
                f"| vs | metric | {BOOTSTRAP_HEAD} |", "|---|---|---|---|---|---|---|"]
         md += [f"| {b['other']} | {b['metric']} | {bootstrap_cells(b)} |" for b in boot]
         md += [""]
+    files = [out / "report.md", out / "report.json"]
     if gains:
         md += [f"## {GAINS_TITLE}, over all seeds", "",
                "Each seed's targets fall in thirds by that seed's history lengths; a row pools the third's queries "
                "over the seeds' main runs, and its 95% interval resamples (seed, user) pairs (users: the pairs).", "",
                gains_markdown(gains), ""]
+        shown = figure_rows(gains, primary="")   # pooled rows belong to no one run directory
+        if figures and shown:
+            from properlm.evaluate.figures import plot_gains
+
+            files.append(plot_gains(shown, out / "gains_by_history.png",
+                                    f"{gains[0]['task']}: gain over stage 1 by history length, {len(seeds)} seeds "
+                                    "pooled (95% intervals over (seed, user) pairs)"))
+            md += ["![gains_by_history](gains_by_history.png)", ""]
     write_text(out / "report.md", "\n".join(md) + "\n")
     summary = {"seeds": seeds, "runs": {str(s): str(d) for s, d in seed_dirs.items()}, "tables": tables,
                "bootstrap": boot, "gains": gains, "wall_seconds": {str(s): w for s, w in walls.items()}}
     write_json(out / "report.json", summary)
-    return {**summary, "files": [str(out / "report.md"), str(out / "report.json")]}
+    return {**summary, "files": [str(f) for f in files]}
