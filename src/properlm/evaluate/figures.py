@@ -262,7 +262,8 @@ def plot_gains(rows: list[dict], out_path: str | Path, title: str = "") -> Path:
         ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(cats)), cats, fontsize=7)
         ax.set(title=f"decoding @{dec}" if dec else "free generation", xlim=(-0.5, len(cats) - 0.5))
-        ax.legend(fontsize=7)
+        # below the panel: inside it, the legend hides points wherever they sit
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     metric = rows[0]["metric"] if rows else ""
     what = {"correct": "accuracy", "abs_error": "absolute error, stage 1's minus the method's"}.get(metric, metric)
     axes[0][0].set_ylabel(f"gain over stage 1 ({what})")
